@@ -1,0 +1,1 @@
+"""Model files for the worker: importing the bundled GGUF into an MLX model directory."""

@@ -1,0 +1,110 @@
+"""The pure fold: `apply(state, indexed_event) -> state`. No I/O, no clocks, no randomness."""
+
+from collections.abc import Mapping
+from typing import TypeVar, assert_never
+
+from shoal_shared.events import (
+    IndexedEvent,
+    InstanceCreated,
+    InstanceDeleted,
+    MasterElected,
+    NodeTelemetryUpdated,
+    RunnerStatusChanged,
+    TaskCancelRequested,
+    TaskCreated,
+    TaskFinished,
+)
+from shoal_shared.runner_status import RunnerShutDown
+from shoal_shared.state import NodeInfo, RunnerInfo, State
+
+
+class EventOutOfOrderError(ValueError):
+    """The event is not the one that follows the state's last index."""
+
+
+class StaleTermError(ValueError):
+    """The event belongs to a term older than the state's: a deposed master wrote it."""
+
+
+_Key = TypeVar("_Key")
+_Value = TypeVar("_Value")
+
+
+def _without(mapping: Mapping[_Key, _Value], key: _Key) -> dict[_Key, _Value]:
+    return {existing: value for existing, value in mapping.items() if existing != key}
+
+
+def apply(state: State, indexed: IndexedEvent) -> State:
+    if indexed.index != state.last_index + 1:
+        raise EventOutOfOrderError(
+            f"expected event index {state.last_index + 1}, got {indexed.index}"
+        )
+    if indexed.term < state.term:
+        raise StaleTermError(f"event of term {indexed.term} after term {state.term}")
+    folded = _apply_event(state, indexed)
+    update: dict[str, object] = {"last_index": indexed.index, "term": indexed.term}
+    if indexed.origin is not None:
+        update["local_sequences"] = {
+            **folded.local_sequences,
+            indexed.origin.node_id: indexed.origin.sequence,
+        }
+    return folded.model_copy(update=update)
+
+
+def _apply_event(state: State, indexed: IndexedEvent) -> State:
+    event = indexed.event
+    match event:
+        case MasterElected():
+            return state.model_copy(update={"master_node_id": event.master_node_id})
+        case NodeTelemetryUpdated():
+            node = NodeInfo(node_id=event.node_id, telemetry=event.telemetry)
+            return state.model_copy(update={"nodes": {**state.nodes, event.node_id: node}})
+        case InstanceCreated():
+            instance = event.instance
+            return state.model_copy(
+                update={"instances": {**state.instances, instance.instance_id: instance}}
+            )
+        case InstanceDeleted():
+            return state.model_copy(
+                update={
+                    "instances": _without(state.instances, event.instance_id),
+                    "runners": {
+                        runner_id: runner
+                        for runner_id, runner in state.runners.items()
+                        if runner.instance_id != event.instance_id
+                    },
+                    "tasks": {
+                        task_id: task
+                        for task_id, task in state.tasks.items()
+                        if task.instance_id != event.instance_id
+                    },
+                }
+            )
+        case RunnerStatusChanged():
+            # A late report from a runner of a deleted instance must not resurrect it, and a
+            # runner that shut down is gone from state: state does not grow without bound.
+            if event.instance_id not in state.instances or isinstance(event.status, RunnerShutDown):
+                return state.model_copy(
+                    update={"runners": _without(state.runners, event.runner_id)}
+                )
+            runner = RunnerInfo(
+                runner_id=event.runner_id,
+                instance_id=event.instance_id,
+                node_id=event.node_id,
+                status=event.status,
+            )
+            return state.model_copy(update={"runners": {**state.runners, event.runner_id: runner}})
+        case TaskCreated():
+            if event.task.instance_id not in state.instances:
+                return state
+            return state.model_copy(
+                update={"tasks": {**state.tasks, event.task.task_id: event.task}}
+            )
+        case TaskCancelRequested():
+            # Cancellation is an instruction to the worker; the task leaves state when the
+            # worker reports it finished.
+            return state
+        case TaskFinished():
+            return state.model_copy(update={"tasks": _without(state.tasks, event.task_id)})
+        case _:
+            assert_never(event)

@@ -1,0 +1,36 @@
+"""The cluster's state: what every process gets by folding the global log."""
+
+from pydantic import Field
+
+from shoal_shared.frozen import FrozenModel
+from shoal_shared.ids import InstanceId, NodeId, RunnerId, TaskId
+from shoal_shared.instances import Instance
+from shoal_shared.runner_status import RunnerStatus
+from shoal_shared.tasks import Task
+from shoal_shared.telemetry import NodeTelemetry
+
+
+class NodeInfo(FrozenModel):
+    node_id: NodeId
+    telemetry: NodeTelemetry
+
+
+class RunnerInfo(FrozenModel):
+    runner_id: RunnerId
+    instance_id: InstanceId
+    node_id: NodeId
+    status: RunnerStatus
+
+
+class State(FrozenModel):
+    # Index of the last applied event; -1 before the first.
+    last_index: int = -1
+    term: int = 0
+    master_node_id: NodeId | None = None
+    nodes: dict[NodeId, NodeInfo] = Field(default_factory=dict)
+    instances: dict[InstanceId, Instance] = Field(default_factory=dict)
+    runners: dict[RunnerId, RunnerInfo] = Field(default_factory=dict)
+    tasks: dict[TaskId, Task] = Field(default_factory=dict)
+    # Highest sequence of each node's local stream already indexed, so that a master (this one
+    # or the next) indexes every local event exactly once.
+    local_sequences: dict[NodeId, int] = Field(default_factory=dict)
