@@ -78,6 +78,12 @@ def _apply_event(state: State, indexed: IndexedEvent) -> State:
                         for task_id, task in state.tasks.items()
                         if task.instance_id != event.instance_id
                     },
+                    "cancelling": frozenset(
+                        task_id
+                        for task_id in state.cancelling
+                        if (task := state.tasks.get(task_id)) is not None
+                        and task.instance_id != event.instance_id
+                    ),
                 }
             )
         case RunnerStatusChanged():
@@ -101,10 +107,15 @@ def _apply_event(state: State, indexed: IndexedEvent) -> State:
                 update={"tasks": {**state.tasks, event.task.task_id: event.task}}
             )
         case TaskCancelRequested():
-            # Cancellation is an instruction to the worker; the task leaves state when the
-            # worker reports it finished.
-            return state
+            if event.task_id not in state.tasks:
+                return state
+            return state.model_copy(update={"cancelling": state.cancelling | {event.task_id}})
         case TaskFinished():
-            return state.model_copy(update={"tasks": _without(state.tasks, event.task_id)})
+            return state.model_copy(
+                update={
+                    "tasks": _without(state.tasks, event.task_id),
+                    "cancelling": state.cancelling - {event.task_id},
+                }
+            )
         case _:
             assert_never(event)

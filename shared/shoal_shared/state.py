@@ -31,6 +31,8 @@ class State(FrozenModel):
     instances: dict[InstanceId, Instance] = Field(default_factory=dict)
     runners: dict[RunnerId, RunnerInfo] = Field(default_factory=dict)
     tasks: dict[TaskId, Task] = Field(default_factory=dict)
+    # Tasks a client cancelled; each leaves state (and this set) when its worker reports it done.
+    cancelling: frozenset[TaskId] = frozenset()
     # Highest sequence of each node's local stream already indexed, so that a master (this one
     # or the next) indexes every local event exactly once.
     local_sequences: dict[NodeId, int] = Field(default_factory=dict)

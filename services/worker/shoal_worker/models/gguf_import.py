@@ -12,10 +12,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, cast, get_args
 
 import mlx.core as mx
 
@@ -38,6 +39,9 @@ IMPORTER_VERSION: Final = 1
 # Q4_0, Q4_1 and Q8_0 all use blocks of 32 weights, which mx.load keeps as the group size.
 GGUF_GROUP_SIZE: Final = 32
 WEIGHTS_FILE: Final = "model.safetensors"
+_STAGING_INFIX: Final = ".partial-"
+# A conversion of the bundled model takes seconds; an hour-old staging directory is debris.
+STALE_STAGING_SECONDS: Final = 3600.0
 
 _LAYER_TENSOR_NAMES: Final[Mapping[str, str]] = {
     "attn_q": "self_attn.q_proj",
@@ -72,6 +76,8 @@ def is_converted(output_dir: Path) -> bool:
 
 def convert_gguf(gguf_path: Path, output_dir: Path, *, weight_format: WeightFormat) -> None:
     """Convert `gguf_path` into an MLX model directory at `output_dir` (no-op if done)."""
+    if weight_format not in get_args(WeightFormat):
+        raise ValueError(f"weight_format must be one of {get_args(WeightFormat)}")
     if is_converted(output_dir):
         return
     weights, metadata = _read_gguf(gguf_path)
@@ -82,9 +88,8 @@ def convert_gguf(gguf_path: Path, output_dir: Path, *, weight_format: WeightForm
     else:
         config["quantization"] = _quantization_config(mlx_weights)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = Path(
-        tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent)
-    )
+    _remove_stale_staging_dirs(output_dir)
+    staging_dir = Path(tempfile.mkdtemp(prefix=_staging_prefix(output_dir), dir=output_dir.parent))
     # mkdtemp creates the directory owner-only; a model directory is meant to be shared.
     staging_dir.chmod(0o755)
     try:
@@ -101,6 +106,24 @@ def convert_gguf(gguf_path: Path, output_dir: Path, *, weight_format: WeightForm
         _move_into_place(staging_dir, output_dir)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
+
+
+def _staging_prefix(output_dir: Path) -> str:
+    return f".{output_dir.name}{_STAGING_INFIX}"
+
+
+def _remove_stale_staging_dirs(output_dir: Path) -> None:
+    """Delete staging directories that a killed conversion left behind.
+
+    Only old ones: a young one may belong to a conversion running in another process.
+    """
+    now = time.time()
+    for candidate in output_dir.parent.glob(f"{_staging_prefix(output_dir)}*"):
+        try:
+            if now - candidate.stat().st_mtime > STALE_STAGING_SECONDS:
+                shutil.rmtree(candidate, ignore_errors=True)
+        except FileNotFoundError:
+            continue  # another process cleaned it up first
 
 
 def _read_gguf(path: Path) -> tuple[dict[str, mx.array], GgufMetadata]:

@@ -132,9 +132,8 @@ def build_tokenizer(metadata: GgufMetadata) -> Tokenizer:
     vocab = {token: token_id for token_id, token in enumerate(tokens)}
     merges = _parse_merges(metadata.string_list("tokenizer.ggml.merges"))
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tokenizer.pre_tokenizer = _pre_tokenizer_for(
-        metadata.optional_string("tokenizer.ggml.pre") or "gpt2"
-    )
+    # No default for a missing `pre`: llama.cpp's fallback regex matches no HF tokenizer.
+    tokenizer.pre_tokenizer = _pre_tokenizer_for(metadata.string("tokenizer.ggml.pre"))
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = _post_processor(
         tokens,

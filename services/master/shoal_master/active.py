@@ -1,0 +1,207 @@
+"""The active master: the only writer of the global log for its term.
+
+All inputs (local events of every node, commands) go through one queue and are handled one at a
+time, so each decision sees the state that every earlier event produced.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Final, final
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import TypeAdapter, ValidationError
+from shoal_shared import subjects
+from shoal_shared.apply import apply
+from shoal_shared.bus import Bus
+from shoal_shared.commands import Command, CommandRejected, CommandReply, PlaceInstance
+from shoal_shared.events import Event, IndexedEvent, LocalEnvelope, LocalOrigin
+from shoal_shared.frozen import FrozenModel
+from shoal_shared.ids import (
+    CommandId,
+    ModelId,
+    NodeId,
+    new_command_id,
+    new_instance_id,
+    new_runner_id,
+)
+from shoal_shared.model_card import ModelCard
+from shoal_shared.state import State
+
+from shoal_master.decisions import FreshIds, decide
+from shoal_master.log_store import SNAPSHOT_INTERVAL, GlobalLogStore
+
+logger = logging.getLogger(__name__)
+
+COMMAND: Final[TypeAdapter[Command]] = TypeAdapter(Command)
+REMEMBERED_REPLIES: Final = 4096
+MAX_RUNNERS_PER_INSTANCE: Final = 64
+
+
+class LocalArrival(FrozenModel):
+    node_id: NodeId
+    sequence: int
+    envelope: LocalEnvelope
+
+
+@final
+class CommandArrival:
+    def __init__(self, message: Msg, command: Command) -> None:
+        self.message = message
+        self.command = command
+
+
+@final
+class ActiveMaster:
+    def __init__(
+        self,
+        bus: Bus,
+        node_id: NodeId,
+        term: int,
+        state: State,
+        cards: Mapping[ModelId, ModelCard],
+        default_model_id: ModelId | None,
+    ) -> None:
+        self._bus = bus
+        self._node_id = node_id
+        self.term = term
+        self._state = state
+        self._cards = cards
+        self._default_model_id = default_model_id
+        self._store = GlobalLogStore(bus, node_id)
+        self._inbox: asyncio.Queue[LocalArrival | CommandArrival] = asyncio.Queue()
+        self._replies: OrderedDict[CommandId, CommandReply] = OrderedDict()
+        self._local_subscriptions: dict[NodeId, Subscription] = {}
+        self._command_subscription: Subscription | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    async def start(self) -> None:
+        logged = await self._store.open()
+        if (logged.term, logged.last_index) > (self._state.term, self._state.last_index):
+            self._state = logged
+        # A snapshot opens every term: readers start there instead of replaying history.
+        await self._store.snapshot(self.term, self._state.model_copy(update={"term": self.term}))
+        self._state = self._state.model_copy(update={"term": self.term})
+        for node_id in {self._node_id, *self._state.nodes}:
+            await self._consume_local_events(node_id)
+        self._command_subscription = await self._bus.subscribe(
+            subjects.COMMANDS, self._on_command, queue="shoal-masters"
+        )
+        self._worker = asyncio.create_task(self._work())
+        logger.info("active master of term %d from index %d", self.term, self._state.last_index)
+
+    async def stop(self) -> None:
+        subscriptions = [self._command_subscription, *self._local_subscriptions.values()]
+        for subscription in subscriptions:
+            if subscription is not None:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
+        self._local_subscriptions.clear()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    async def _consume_local_events(self, node_id: NodeId) -> None:
+        if node_id in self._local_subscriptions:
+            return
+        start = self._state.local_sequences.get(node_id, 0) + 1
+
+        async def on_message(message: Msg) -> None:
+            try:
+                envelope = LocalEnvelope.model_validate_json(message.data)
+            except ValidationError as error:
+                logger.warning("dropping a malformed local event from %s: %s", node_id, error)
+                return
+            sequence = message.metadata.sequence.stream
+            self._inbox.put_nowait(
+                LocalArrival(node_id=node_id, sequence=sequence, envelope=envelope)
+            )
+
+        js = self._bus.jetstream(domain=node_id)
+        self._local_subscriptions[node_id] = await js.subscribe(
+            subjects.local_events(node_id),
+            stream=subjects.LOCAL_EVENTS_STREAM,
+            ordered_consumer=True,
+            cb=on_message,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            ),
+        )
+
+    async def _on_command(self, message: Msg) -> None:
+        try:
+            command = COMMAND.validate_json(message.data)
+        except ValidationError as error:
+            rejection = CommandRejected(
+                command_id=CommandId("unknown"), code="invalid", reason=f"malformed: {error}"
+            )
+            await self._bus.reply(message, rejection)
+            return
+        self._inbox.put_nowait(CommandArrival(message, command))
+
+    async def _work(self) -> None:
+        await self._place_default_model()
+        while True:
+            arrival = await self._inbox.get()
+            if isinstance(arrival, LocalArrival):
+                await self._index_local(arrival)
+            else:
+                reply = await self._handle(arrival.command)
+                await self._bus.reply(arrival.message, reply)
+            await self._place_default_model()
+
+    async def _index_local(self, arrival: LocalArrival) -> None:
+        if arrival.sequence <= self._state.local_sequences.get(arrival.node_id, 0):
+            return  # indexed already, by this master or an earlier one
+        origin = LocalOrigin(node_id=arrival.node_id, sequence=arrival.sequence)
+        await self._append(arrival.envelope.event, origin)
+        for node_id in self._state.nodes:
+            await self._consume_local_events(node_id)
+
+    async def _handle(self, command: Command) -> CommandReply:
+        remembered = self._replies.get(command.command_id)
+        if remembered is not None:
+            return remembered
+        fresh = FreshIds(
+            instance_id=new_instance_id(),
+            runner_ids=tuple(new_runner_id() for _ in range(MAX_RUNNERS_PER_INSTANCE)),
+        )
+        decision = decide(self._state, command, self._cards, fresh)
+        for event in decision.events:
+            await self._append(event, None)
+        self._replies[command.command_id] = decision.reply
+        while len(self._replies) > REMEMBERED_REPLIES:
+            self._replies.popitem(last=False)
+        return decision.reply
+
+    async def _append(self, event: Event, origin: LocalOrigin | None) -> None:
+        indexed = IndexedEvent(
+            index=self._state.last_index + 1, term=self.term, event=event, origin=origin
+        )
+        next_state = apply(self._state, indexed)
+        await self._store.append(indexed)
+        self._state = next_state
+        if indexed.index % SNAPSHOT_INTERVAL == SNAPSHOT_INTERVAL - 1:
+            await self._store.snapshot(self.term, self._state)
+
+    async def _place_default_model(self) -> None:
+        """`shoal run` serves the bundled model out of the box, once this node is known."""
+        model_id = self._default_model_id
+        if model_id is None or self._node_id not in self._state.nodes:
+            return
+        self._default_model_id = None
+        if any(instance.model_id == model_id for instance in self._state.instances.values()):
+            return
+        reply = await self._handle(
+            PlaceInstance(command_id=new_command_id(), model_id=model_id, node_ids=(self._node_id,))
+        )
+        logger.info("default model %s: %s", model_id, reply.outcome)

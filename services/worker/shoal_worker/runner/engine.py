@@ -1,0 +1,269 @@
+"""The generation engine: loads one model and serves chat generations one at a time.
+
+It knows nothing of processes or sockets: it reports everything through an `emit` callback,
+so tests drive it in-process. Requests are queued FIFO and served one at a time on the thread
+that calls `serve_forever`; `submit`, `cancel` and `request_shutdown` may come from any thread.
+Continuous batching of concurrent requests with mlx-lm's `BatchGenerator` is the planned next
+step; it will replace `_generate` without changing this class's interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final, final
+
+from shoal_shared.chunks import FinishReason, Usage
+from shoal_shared.ids import TaskId
+from shoal_shared.runner_status import (
+    RunnerLoaded,
+    RunnerLoading,
+    RunnerReady,
+    RunnerRunning,
+    RunnerStatus,
+    RunnerWarmingUp,
+)
+from shoal_shared.tasks import ChatMessage
+
+from shoal_worker.runner.mlx_bindings import (
+    LoadedModel,
+    chat_prompt_tokens,
+    load_lazily,
+    materialize,
+    seed_random,
+    stream_tokens,
+)
+from shoal_worker.runner.protocol import (
+    Generate,
+    RunnerMessage,
+    StatusUpdate,
+    TaskDone,
+    TaskFailed,
+    TokenOutput,
+)
+from shoal_worker.runner.stop_sequences import StopSequenceFilter
+
+logger = logging.getLogger(__name__)
+
+RunnerMessageSink = Callable[[RunnerMessage], None]
+
+# Without an explicit max_tokens a request may fill the context window, but a runaway
+# generation should not hold the runner for tens of thousands of tokens.
+DEFAULT_MAX_TOKENS_CAP: Final = 4096
+_WARM_UP_MESSAGES: Final = (ChatMessage(role="user", content="Hi"),)
+
+
+class LoadInterruptedError(Exception):
+    """The runner was asked to stop (or its worker vanished) while loading the model."""
+
+
+@final
+class GenerationEngine:
+    def __init__(
+        self, emit: RunnerMessageSink, *, max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
+    ) -> None:
+        self._emit = emit
+        self._max_tokens_cap = max_tokens_cap
+        self._lock = threading.Lock()
+        self._work_available = threading.Condition(self._lock)
+        self._model: LoadedModel | None = None
+        self._queue: deque[Generate] = deque()
+        self._current_task_id: TaskId | None = None
+        # Read without the lock on every token: a set lookup is atomic under the GIL.
+        self._cancelled: set[TaskId] = set()
+        self._shutting_down = False
+        self._last_status: RunnerStatus | None = None
+
+    def load(self, model_dir: Path) -> None:
+        """Load layer by layer (reporting progress), warm up, then report ready."""
+        loaded = load_lazily(model_dir)
+        layers_total = len(loaded.layers)
+        self._set_status(RunnerLoading(layers_loaded=0, layers_total=layers_total))
+        for layers_loaded, layer in enumerate(loaded.layers, start=1):
+            if self._shutting_down:
+                raise LoadInterruptedError
+            materialize(layer)
+            self._set_status(RunnerLoading(layers_loaded=layers_loaded, layers_total=layers_total))
+        # The embedding and final norm live outside the layers; evaluated layers cost nothing.
+        materialize(loaded.model)
+        self._set_status(RunnerLoaded())
+        self._set_status(RunnerWarmingUp())
+        self._warm_up(loaded)
+        with self._lock:
+            self._model = loaded
+            self._publish_activity_locked()
+
+    def submit(self, request: Generate) -> None:
+        with self._lock:
+            if self._shutting_down:
+                self._emit(TaskFailed(task_id=request.task_id, message="the runner is stopping"))
+                return
+            if request.task_id == self._current_task_id or any(
+                queued.task_id == request.task_id for queued in self._queue
+            ):
+                message = f"task {request.task_id} is already queued or running on this runner"
+                self._emit(TaskFailed(task_id=request.task_id, message=message))
+                return
+            self._queue.append(request)
+            self._publish_activity_locked()
+            self._work_available.notify()
+
+    def cancel(self, task_id: TaskId) -> None:
+        """End a queued task at once, or the running one before its next token."""
+        with self._lock:
+            if task_id == self._current_task_id:
+                self._cancelled.add(task_id)
+                return
+            for queued in self._queue:
+                if queued.task_id == task_id:
+                    self._queue.remove(queued)
+                    no_usage = Usage(prompt_tokens=0, completion_tokens=0)
+                    self._emit(TaskDone(task_id=task_id, finish_reason="cancelled", usage=no_usage))
+                    self._publish_activity_locked()
+                    return
+        # Unknown ids are tasks that already finished: the cancel crossed their TaskDone.
+
+    def request_shutdown(self) -> None:
+        """Stop after the current token; queued tasks fail, `serve_forever` returns."""
+        with self._lock:
+            self._shutting_down = True
+            self._work_available.notify_all()
+
+    def serve_forever(self) -> None:
+        """Serve queued requests until `request_shutdown`."""
+        while (request := self._next_request(wait=True)) is not None:
+            self._serve(request)
+        with self._lock:
+            abandoned = list(self._queue)
+            self._queue.clear()
+        for request in abandoned:
+            self._emit(TaskFailed(task_id=request.task_id, message="the runner is stopping"))
+
+    def serve_pending(self) -> None:
+        """Serve what is queued now and return: for tests and tools driving it in-process."""
+        while (request := self._next_request(wait=False)) is not None:
+            self._serve(request)
+
+    def _next_request(self, *, wait: bool) -> Generate | None:
+        with self._work_available:
+            while wait and not self._queue and not self._shutting_down:
+                self._work_available.wait()
+            if self._shutting_down or not self._queue or self._model is None:
+                return None
+            request = self._queue.popleft()
+            # The active count is unchanged (queued -> running), so there is no status to send.
+            self._current_task_id = request.task_id
+            return request
+
+    def _serve(self, request: Generate) -> None:
+        try:
+            self._generate(request)
+        except Exception as error:
+            # A bad request or an MLX error fails that task; the runner keeps serving.
+            logger.exception("generation of task %s failed", request.task_id)
+            self._emit(TaskFailed(task_id=request.task_id, message=f"generation failed: {error}"))
+        finally:
+            with self._lock:
+                self._current_task_id = None
+                self._cancelled.discard(request.task_id)
+                self._publish_activity_locked()
+
+    def _generate(self, request: Generate) -> None:
+        loaded = self._model
+        assert loaded is not None, "requests are only taken once the model is loaded"
+        task_id = request.task_id
+        sampling = request.sampling
+        try:
+            prompt = chat_prompt_tokens(loaded.tokenizer, request.messages)
+        except Exception as error:
+            message = f"could not apply the model's chat template: {error}"
+            self._emit(TaskFailed(task_id=task_id, message=message))
+            return
+        room = loaded.context_length - len(prompt)
+        if room < 1:
+            message = (
+                f"the prompt is {len(prompt)} tokens long but the model's context window"
+                f" holds {loaded.context_length} tokens"
+            )
+            self._emit(TaskFailed(task_id=task_id, message=message))
+            return
+        max_tokens = min(sampling.max_tokens or self._max_tokens_cap, room)
+        if sampling.seed is not None:
+            seed_random(sampling.seed)
+        stop_filter = StopSequenceFilter(sampling.stop)
+        emit = self._emit
+        cancelled = self._cancelled
+        unreleased_token_ids: list[int] = []
+        completion_tokens = 0
+        finish_reason: FinishReason = "length"
+        responses = stream_tokens(
+            loaded,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+        )
+        try:
+            # The hot loop: keep it to a few attribute reads and one message per token.
+            for response in responses:
+                if task_id in cancelled or self._shutting_down:
+                    finish_reason = "cancelled"
+                    break
+                if response.finish_reason == "stop":
+                    # mlx-lm's last response for an end-of-sequence token: the token is not
+                    # output, but its text may hold the detokenizer's final bytes.
+                    finish_reason = "stop"
+                else:
+                    completion_tokens += 1
+                    unreleased_token_ids.append(response.token)
+                released, stopped = stop_filter.feed(response.text)
+                if released:
+                    emit(
+                        TokenOutput(
+                            task_id=task_id, text=released, token_ids=(*unreleased_token_ids,)
+                        )
+                    )
+                    unreleased_token_ids.clear()
+                if stopped:
+                    finish_reason = "stop"
+                    break
+            else:
+                held_tail = stop_filter.flush()
+                if held_tail or unreleased_token_ids:
+                    emit(
+                        TokenOutput(
+                            task_id=task_id, text=held_tail, token_ids=(*unreleased_token_ids,)
+                        )
+                    )
+        finally:
+            # Ends mlx-lm's generator now rather than at garbage collection.
+            responses.close()
+        usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens)
+        emit(TaskDone(task_id=task_id, finish_reason=finish_reason, usage=usage))
+
+    def _warm_up(self, loaded: LoadedModel) -> None:
+        """A two-token generation, so the first client request does not pay for first use."""
+        prompt = chat_prompt_tokens(loaded.tokenizer, _WARM_UP_MESSAGES)
+        responses = stream_tokens(loaded, prompt, max_tokens=2, temperature=0.0, top_p=1.0)
+        for _ in responses:
+            pass
+
+    def _publish_activity_locked(self) -> None:
+        if self._model is None:
+            return
+        active_tasks = len(self._queue) + (self._current_task_id is not None)
+        status = RunnerRunning(active_tasks=active_tasks) if active_tasks else RunnerReady()
+        self._set_status_locked(status)
+
+    def _set_status(self, status: RunnerStatus) -> None:
+        with self._lock:
+            self._set_status_locked(status)
+
+    def _set_status_locked(self, status: RunnerStatus) -> None:
+        # Emitting under the engine lock keeps status updates in the order they happened.
+        if status != self._last_status:
+            self._last_status = status
+            self._emit(StatusUpdate(status=status))
