@@ -1,0 +1,51 @@
+"""The master process: a warm standby replica, active when its node is elected."""
+
+import asyncio
+import logging
+from typing import Final
+
+from shoal_shared.bus import Bus
+from shoal_shared.follower import StateFollower
+from shoal_shared.ids import ModelId
+from shoal_shared.model_card import builtin_cards
+from shoal_shared.node_identity import load_or_create_node_id
+from shoal_shared.settings import NodeSettings
+
+from shoal_master.active import ActiveMaster
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID: Final = ModelId("smollm2-135m")
+OUTCOME_POLL_SECONDS: Final = 0.05
+
+
+async def run_master(settings: NodeSettings) -> None:
+    node_id = load_or_create_node_id(settings.home)
+    bus = await Bus.connect(settings.nats_url, name=f"master-{node_id}")
+    follower = StateFollower(bus, node_id)
+    await follower.start()
+    cards = builtin_cards()
+    default_model = DEFAULT_MODEL_ID if settings.place_default_model else None
+    active: ActiveMaster | None = None
+    try:
+        while True:
+            outcome = follower.outcome
+            elected_term = (
+                outcome.term if outcome is not None and outcome.master_node_id == node_id else None
+            )
+            if active is not None and active.term != elected_term:
+                await active.stop()
+                active = None
+                logger.info("stepped down")
+            if elected_term is not None and active is None:
+                active = ActiveMaster(
+                    bus, node_id, elected_term, follower.state, cards, default_model
+                )
+                await active.start()
+                default_model = None
+            await asyncio.sleep(OUTCOME_POLL_SECONDS)
+    finally:
+        if active is not None:
+            await active.stop()
+        await follower.stop()
+        await bus.close()

@@ -1,0 +1,135 @@
+"""The worker process: telemetry, model files, and the runners of this node's shards."""
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Final, final
+
+from shoal_shared.bus import Bus
+from shoal_shared.events import IndexedEvent, NodeTelemetryUpdated
+from shoal_shared.follower import StateFollower
+from shoal_shared.ids import NodeId, RunnerId
+from shoal_shared.instances import Instance
+from shoal_shared.node_identity import load_or_create_node_id
+from shoal_shared.settings import NodeSettings
+from shoal_shared.state import State
+from shoal_shared.telemetry import NodeTelemetry
+
+from shoal_worker.event_sink import LocalEventSink
+from shoal_worker.models.default_model import DEFAULT_MODEL_ID, ensure_default_model
+from shoal_worker.plan import CancelTaskOnRunner, DispatchTask, StartRunner, StopRunner, plan
+from shoal_worker.runner_supervisor import ModelUnavailableError, SupervisedRunner
+from shoal_worker.telemetry import read_telemetry, worth_reporting
+
+logger = logging.getLogger(__name__)
+
+TELEMETRY_INTERVAL_SECONDS: Final = 5.0
+TELEMETRY_HEARTBEAT_SECONDS: Final = 60.0
+
+
+@final
+class Worker:
+    def __init__(
+        self,
+        bus: Bus,
+        node_id: NodeId,
+        settings: NodeSettings,
+        follower: StateFollower,
+        events: LocalEventSink,
+    ) -> None:
+        self._bus = bus
+        self._node_id = node_id
+        self._settings = settings
+        self._follower = follower
+        self._events = events
+        self._runners: dict[RunnerId, SupervisedRunner] = {}
+        self._dirty = asyncio.Event()
+        self._model_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        self._follower.add_listener(self._on_state_change)
+        self._dirty.set()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._report_telemetry())
+                group.create_task(self._reconcile_forever())
+        finally:
+            for runner in list(self._runners.values()):
+                await runner.stop()
+
+    def _on_state_change(self, _state: State, _event: IndexedEvent | None) -> None:
+        self._dirty.set()
+
+    async def _report_telemetry(self) -> None:
+        loop = asyncio.get_running_loop()
+        reported: NodeTelemetry | None = None
+        reported_at = 0.0
+        while True:
+            current = await asyncio.to_thread(read_telemetry)
+            stale = loop.time() - reported_at > TELEMETRY_HEARTBEAT_SECONDS
+            if stale or worth_reporting(reported, current):
+                self._events.emit(NodeTelemetryUpdated(node_id=self._node_id, telemetry=current))
+                reported, reported_at = current, loop.time()
+            await asyncio.sleep(TELEMETRY_INTERVAL_SECONDS)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._reconcile(self._follower.state)
+
+    async def _reconcile(self, state: State) -> None:
+        local = {runner_id: runner.view for runner_id, runner in self._runners.items()}
+        for action in plan(state, self._node_id, local):
+            match action:
+                case StartRunner():
+                    runner = SupervisedRunner(
+                        self._bus,
+                        self._node_id,
+                        action.instance,
+                        action.shard,
+                        self._resolve_model,
+                        self._events,
+                        self._dirty.set,
+                    )
+                    self._runners[action.shard.runner_id] = runner
+                    runner.start()
+                    logger.info(
+                        "starting runner %s for %s",
+                        action.shard.runner_id,
+                        action.instance.model_id,
+                    )
+                case StopRunner():
+                    runner = self._runners.pop(action.runner_id)
+                    logger.info("stopping runner %s", action.runner_id)
+                    await runner.stop()
+                case DispatchTask():
+                    await self._runners[action.runner_id].dispatch(action.task)
+                case CancelTaskOnRunner():
+                    await self._runners[action.runner_id].cancel(action.task_id)
+
+    async def _resolve_model(self, instance: Instance) -> Path:
+        if instance.model_id != DEFAULT_MODEL_ID:
+            raise ModelUnavailableError(
+                f"model {instance.model_id} has no local files on node {self._node_id}"
+            )
+        # One conversion at a time: two runners of the bundled model must not race to write it.
+        async with self._model_lock:
+            return await asyncio.to_thread(ensure_default_model, self._settings.models_dir)
+
+
+async def run_worker(settings: NodeSettings) -> None:
+    node_id = load_or_create_node_id(settings.home)
+    bus = await Bus.connect(settings.nats_url, name=f"worker-{node_id}")
+    events = LocalEventSink(bus, node_id)
+    events.start()
+    follower = StateFollower(bus, node_id)
+    await follower.start()
+    try:
+        await Worker(bus, node_id, settings, follower, events).run()
+    finally:
+        await events.stop()
+        await follower.stop()
+        with contextlib.suppress(Exception):
+            await bus.close()

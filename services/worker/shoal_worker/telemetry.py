@@ -1,0 +1,67 @@
+"""What this node tells the cluster about itself: memory, cores, chip, backend."""
+
+import platform
+import socket
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import psutil
+from shoal_shared.telemetry import Backend, NodeTelemetry
+
+
+@cache
+def chip_name() -> str:
+    if platform.system() == "Darwin":
+        result = subprocess.run(
+            ["sysctl", "-n", "machdep.cpu.brand_string"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode == 0 and result.stdout.strip():
+            return result.stdout.strip()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+@cache
+def inference_backend() -> Backend:
+    # Imported here: telemetry is read once, and MLX is the one heavy import of the worker.
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def read_telemetry() -> NodeTelemetry:
+    memory = psutil.virtual_memory()
+    return NodeTelemetry(
+        hostname=socket.gethostname(),
+        platform=f"{platform.system()} {platform.machine()}",
+        chip=chip_name(),
+        backend=inference_backend(),
+        cpu_cores=psutil.cpu_count(logical=True) or 1,
+        memory_total_bytes=memory.total,
+        memory_available_bytes=memory.available,
+    )
+
+
+def worth_reporting(previous: NodeTelemetry | None, current: NodeTelemetry) -> bool:
+    """A new report when something but free memory changed, or free memory moved by 2%."""
+    if previous is None:
+        return True
+    if (
+        previous.model_copy(update={"memory_available_bytes": current.memory_available_bytes})
+        != current
+    ):
+        return True
+    moved = abs(previous.memory_available_bytes - current.memory_available_bytes)
+    return moved > current.memory_total_bytes * 0.02

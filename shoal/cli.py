@@ -1,0 +1,92 @@
+"""The `shoal` command: `shoal run` (the default) or one service per process."""
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from shoal_shared.service_runtime import ServiceMain, run_service
+from shoal_shared.settings import NodeSettings, SettingsError, resolve_settings
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments get one line on stderr, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _add_node_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("node settings (flags override SHOAL_* variables)")
+    group.add_argument("--home", type=Path, help="where the node keeps its data (SHOAL_HOME)")
+    group.add_argument("--api-host", help="address the HTTP API binds (SHOAL_API_HOST)")
+    group.add_argument("--api-port", type=int, help="HTTP API port, default 52415")
+    group.add_argument("--nats-port", type=int, help="local NATS client port, default 52416")
+    group.add_argument("--leaf-port", type=int, help="NATS leafnode port, default 52417")
+    group.add_argument("--namespace", help="cluster namespace (SHOAL_NAMESPACE)")
+    group.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    group.add_argument(
+        "--no-default-model",
+        dest="place_default_model",
+        action="store_const",
+        const=False,
+        help="do not place the bundled smollm2-135m model at start",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="shoal", description=__doc__)
+    commands = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    descriptions = {
+        "run": "run a whole node: broker, election, master, worker and api (the default)",
+        "broker": "run the embedded nats-server and keep it running",
+        "election": "run discovery and master election",
+        "master": "run the master (active when this node is elected)",
+        "worker": "run the worker: telemetry, downloads, model runners",
+        "api": "run the HTTP API and dashboard",
+    }
+    for name, description in descriptions.items():
+        _add_node_flags(commands.add_parser(name, help=description, description=description))
+    _add_node_flags(parser)
+    return parser
+
+
+def _service_main(command: str) -> ServiceMain:
+    # Imported lazily: `shoal api` must not pay for MLX, nor `shoal broker` for FastAPI.
+    match command:
+        case "broker":
+            from shoal.broker_service import run_broker
+
+            return run_broker
+        case "election":
+            from shoal_election.service import run_election
+
+            return run_election
+        case "master":
+            from shoal_master.service import run_master
+
+            return run_master
+        case "worker":
+            from shoal_worker.service import run_worker
+
+            return run_worker
+        case "api":
+            from shoal_api.service import run_api
+
+            return run_api
+        case _:
+            from shoal.supervisor import run_node
+
+            return run_node
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    arguments = build_parser().parse_args(argv)
+    flags = vars(arguments)
+    command: str = flags.pop("command") or "run"
+    try:
+        settings: NodeSettings = resolve_settings(flags)
+    except (SettingsError, ValueError) as error:
+        sys.exit(f"shoal: {error}".splitlines()[0])
+    run_service(command if command != "run" else "shoal", _service_main(command), settings)
