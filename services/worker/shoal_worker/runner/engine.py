@@ -176,21 +176,11 @@ class GenerationEngine:
         assert loaded is not None, "requests are only taken once the model is loaded"
         task_id = request.task_id
         sampling = request.sampling
-        try:
-            prompt = chat_prompt_tokens(loaded.tokenizer, request.messages)
-        except Exception as error:
-            message = f"could not apply the model's chat template: {error}"
-            self._emit(TaskFailed(task_id=task_id, message=message))
+        prepared = self._prompt_and_token_limit(loaded, request)
+        if isinstance(prepared, str):
+            self._emit(TaskFailed(task_id=task_id, message=prepared))
             return
-        room = loaded.context_length - len(prompt)
-        if room < 1:
-            message = (
-                f"the prompt is {len(prompt)} tokens long but the model's context window"
-                f" holds {loaded.context_length} tokens"
-            )
-            self._emit(TaskFailed(task_id=task_id, message=message))
-            return
-        max_tokens = min(sampling.max_tokens or self._max_tokens_cap, room)
+        prompt, max_tokens = prepared
         if sampling.seed is not None:
             seed_random(sampling.seed)
         stop_filter = StopSequenceFilter(sampling.stop)
@@ -243,6 +233,22 @@ class GenerationEngine:
             responses.close()
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens)
         emit(TaskDone(task_id=task_id, finish_reason=finish_reason, usage=usage))
+
+    def _prompt_and_token_limit(
+        self, loaded: LoadedModel, request: Generate
+    ) -> tuple[list[int], int] | str:
+        """The prompt's token ids and how many tokens may follow, or why the request fails."""
+        try:
+            prompt = chat_prompt_tokens(loaded.tokenizer, request.messages)
+        except Exception as error:
+            return f"could not apply the model's chat template: {error}"
+        room = loaded.context_length - len(prompt)
+        if room < 1:
+            return (
+                f"the prompt is {len(prompt)} tokens long but the model's context window"
+                f" holds {loaded.context_length} tokens"
+            )
+        return prompt, min(request.sampling.max_tokens or self._max_tokens_cap, room)
 
     def _warm_up(self, loaded: LoadedModel) -> None:
         """A two-token generation, so the first client request does not pay for first use."""

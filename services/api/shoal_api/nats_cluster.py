@@ -1,0 +1,129 @@
+"""The `Cluster` the API serves from on a real node: the bus and the state follower."""
+
+import contextlib
+from collections.abc import Callable
+from typing import Final, final
+
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from pydantic import TypeAdapter, ValidationError
+from shoal_shared import subjects
+from shoal_shared.bus import Bus
+from shoal_shared.commands import Command, CommandReply
+from shoal_shared.election_outcome import ElectionOutcome
+from shoal_shared.follower import StateFollower
+from shoal_shared.global_log import GLOBAL_LOG_ENTRY, GlobalLogEntry
+from shoal_shared.ids import NodeId, TaskId
+from shoal_shared.state import State
+
+from shoal_api.context import (
+    ChunkSink,
+    LogUnavailableError,
+    MasterUnavailableError,
+    Unsubscribe,
+)
+from shoal_api.event_log import EventPage, read_events
+
+COMMAND_REPLY: Final[TypeAdapter[CommandReply]] = TypeAdapter(CommandReply)
+
+
+@final
+class _StreamReader:
+    """Random access to the entries of a master's global stream (a `LogReader`)."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def bounds(self) -> tuple[int, int]:
+        info = await self._js.stream_info(subjects.GLOBAL_EVENTS_STREAM)
+        return info.state.first_seq, info.state.last_seq
+
+    async def entry(self, sequence: int) -> GlobalLogEntry | None:
+        try:
+            message = await self._js.get_msg(subjects.GLOBAL_EVENTS_STREAM, sequence)
+        except NotFoundError:
+            return None
+        if message.data is None:
+            return None
+        return GLOBAL_LOG_ENTRY.validate_json(message.data)
+
+
+@final
+class NatsCluster:
+    def __init__(self, bus: Bus, follower: StateFollower, node_id: NodeId) -> None:
+        self._bus = bus
+        self._follower = follower
+        self._node_id = node_id
+
+    @property
+    def node_id(self) -> NodeId:
+        return self._node_id
+
+    @property
+    def state(self) -> State:
+        return self._follower.state
+
+    @property
+    def election(self) -> ElectionOutcome | None:
+        return self._follower.outcome
+
+    async def send_command(self, command: Command, timeout: float) -> CommandReply:
+        try:
+            return await self._bus.request(subjects.COMMANDS, command, COMMAND_REPLY, timeout)
+        except NoRespondersError:
+            raise MasterUnavailableError("no master is subscribed to commands") from None
+        except TimeoutError:
+            # nats-py's TimeoutError is a TimeoutError too.
+            raise MasterUnavailableError(f"no master answered within {timeout:g} s") from None
+        except ValidationError as error:
+            raise MasterUnavailableError(f"the master's reply is malformed: {error}") from None
+        except NatsError as error:
+            raise MasterUnavailableError(f"the bus failed: {error}") from None
+
+    async def subscribe_chunks(self, task_id: TaskId, sink: ChunkSink) -> Unsubscribe:
+        async def on_message(message: Msg) -> None:
+            sink(message.data)
+
+        try:
+            subscription = await self._bus.subscribe(subjects.chunks(task_id), on_message)
+        except NatsError as error:
+            raise MasterUnavailableError(f"cannot subscribe on the bus: {error}") from None
+
+        async def unsubscribe() -> None:
+            with contextlib.suppress(NatsError):
+                await subscription.unsubscribe()
+
+        try:
+            # One round trip to our server: the subscription is registered there before the
+            # command that makes a worker publish to it is sent.
+            await self._bus.flush()
+        except (TimeoutError, NatsError) as error:
+            await unsubscribe()
+            raise MasterUnavailableError(
+                f"this node's NATS server is unreachable: {error}"
+            ) from None
+        return unsubscribe
+
+    async def read_events(self, since: int, limit: int) -> EventPage:
+        election = self._follower.outcome
+        if election is None:
+            raise LogUnavailableError("no master is known yet")
+        reader = _StreamReader(self._bus.jetstream(domain=election.master_node_id))
+        try:
+            return await read_events(reader, since, limit)
+        except NotFoundError:
+            raise LogUnavailableError(
+                f"master {election.master_node_id} has no global stream yet"
+            ) from None
+        except (TimeoutError, NatsError) as error:
+            raise LogUnavailableError(str(error) or type(error).__name__) from None
+
+    async def wait_for_state(self, predicate: Callable[[State], bool], timeout: float) -> bool:
+        try:
+            await self._follower.wait_for(predicate, timeout)
+        except TimeoutError:
+            return False
+        return True
