@@ -28,6 +28,12 @@ Unsubscribe = Callable[[], Awaitable[None]]
 class MasterUnavailableError(ConnectionError):
     """No active master answered a command (no responders, or no reply in time)."""
 
+    def __init__(self, message: str, maybe_delivered: bool) -> None:
+        super().__init__(message)
+        # False when no master can have seen the command (nobody was subscribed); True when
+        # one may have acted on it and only its reply is missing (a timeout).
+        self.maybe_delivered = maybe_delivered
+
 
 class LogUnavailableError(ConnectionError):
     """The master's global stream could not be read."""

@@ -165,9 +165,9 @@ async def start_chat(
     submit = SubmitTask(command_id=new_command_id(), task=task)
     try:
         reply = await cluster.send_command(submit, context.timeouts.command_seconds)
-    except MasterUnavailableError:
-        # The master may have accepted it just before the timeout: closing cancels it.
-        session.close()
+    except MasterUnavailableError as error:
+        # A master that timed out may still have accepted the task: closing cancels it.
+        session.close(cancel_unfinished=error.maybe_delivered)
         raise no_master_error() from None
     except BaseException:
         session.close()

@@ -74,14 +74,20 @@ class NatsCluster:
         try:
             return await self._bus.request(subjects.COMMANDS, command, COMMAND_REPLY, timeout)
         except NoRespondersError:
-            raise MasterUnavailableError("no master is subscribed to commands") from None
+            raise MasterUnavailableError(
+                "no master is subscribed to commands", maybe_delivered=False
+            ) from None
         except TimeoutError:
             # nats-py's TimeoutError is a TimeoutError too.
-            raise MasterUnavailableError(f"no master answered within {timeout:g} s") from None
+            raise MasterUnavailableError(
+                f"no master answered within {timeout:g} s", maybe_delivered=True
+            ) from None
         except ValidationError as error:
-            raise MasterUnavailableError(f"the master's reply is malformed: {error}") from None
+            raise MasterUnavailableError(
+                f"the master's reply is malformed: {error}", maybe_delivered=True
+            ) from None
         except NatsError as error:
-            raise MasterUnavailableError(f"the bus failed: {error}") from None
+            raise MasterUnavailableError(f"the bus failed: {error}", maybe_delivered=True) from None
 
     async def subscribe_chunks(self, task_id: TaskId, sink: ChunkSink) -> Unsubscribe:
         async def on_message(message: Msg) -> None:
@@ -90,7 +96,9 @@ class NatsCluster:
         try:
             subscription = await self._bus.subscribe(subjects.chunks(task_id), on_message)
         except NatsError as error:
-            raise MasterUnavailableError(f"cannot subscribe on the bus: {error}") from None
+            raise MasterUnavailableError(
+                f"cannot subscribe on the bus: {error}", maybe_delivered=False
+            ) from None
 
         async def unsubscribe() -> None:
             with contextlib.suppress(NatsError):
@@ -103,7 +111,7 @@ class NatsCluster:
         except (TimeoutError, NatsError) as error:
             await unsubscribe()
             raise MasterUnavailableError(
-                f"this node's NATS server is unreachable: {error}"
+                f"this node's NATS server is unreachable: {error}", maybe_delivered=False
             ) from None
         return unsubscribe
 

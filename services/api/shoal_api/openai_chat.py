@@ -1,6 +1,7 @@
 """`POST /v1/chat/completions`, OpenAI's chat API, streaming (SSE) and not."""
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Request, Response
@@ -8,7 +9,7 @@ from shoal_shared.chunks import TokenChunk
 
 from shoal_api.bodies import read_body
 from shoal_api.context import ApiContext
-from shoal_api.errors import JSON_MEDIA_TYPE, ApiError, error_body
+from shoal_api.errors import JSON_MEDIA_TYPE, ApiError, error_body, server_error
 from shoal_api.inference import ChatSession, Completion, complete, resolve_model, start_chat
 from shoal_api.openai_chat_schema import ChatCompletionRequest
 from shoal_api.openai_chat_translate import (
@@ -19,6 +20,8 @@ from shoal_api.openai_chat_translate import (
     to_chat_messages,
 )
 from shoal_api.sse import DONE, EventStreamResponse, sse_data
+
+logger = logging.getLogger(__name__)
 
 
 async def _sse_events(
@@ -40,6 +43,12 @@ async def _sse_events(
     except ApiError as error:
         # The status line went out with the first event: a failure can only be an event now.
         yield sse_data(error_body(error).model_dump_json())
+    except Exception:
+        # A bug must still end the stream readably, not as a torn chunked response.
+        logger.exception("chat stream of task %s failed", session.task.task_id)
+        yield sse_data(
+            error_body(server_error("internal error in the Shoal API")).model_dump_json()
+        )
     finally:
         session.close()
 
