@@ -118,12 +118,17 @@ class RunningNode:
             return psutil.Process(self.process.pid).children(recursive=True)
         return []
 
-    def descendant(self, needle: str) -> psutil.Process:
+    def find_descendant(self, needle: str) -> psutil.Process | None:
         for child in self.descendants():
             with contextlib.suppress(psutil.NoSuchProcess):
                 if needle in " ".join(child.cmdline()):
                     return child
-        raise AssertionError(f"no process of this node runs {needle!r}")
+        return None
+
+    def descendant(self, needle: str) -> psutil.Process:
+        found = self.find_descendant(needle)
+        assert found is not None, f"no process of this node runs {needle!r}"
+        return found
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.output().splitlines()[-lines:])

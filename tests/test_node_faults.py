@@ -64,12 +64,12 @@ def test_killing_the_runner_mid_stream_ends_the_stream_with_an_error(node: Runni
 
     # The worker reports the failure and starts a new runner, which serves again.
     def replaced(checked: RunningNode) -> bool:
-        fresh = checked.descendant("shoal_worker.runner.main")
-        return fresh.pid != runner.pid and checked.ready_runner_count() == 1
+        fresh = checked.find_descendant("shoal_worker.runner.main")
+        return fresh is not None and fresh.pid != runner.pid and checked.ready_runner_count() == 1
 
     node.wait_until("a new ready runner", 120, replaced)
     assert "Paris" in ask_capital(node)
-    events = node.get("/events?limit=1000").json()
+    events = node.get("/events?limit=1000").json()["events"]
     assert any(
         entry["event"]["kind"] == "runner_status_changed"
         and entry["event"]["status"]["status"] == "failed"
@@ -83,7 +83,8 @@ def test_killing_nats_server_is_survived(node: RunningNode) -> None:
     psutil.wait_procs([server], timeout=10)
 
     def restarted(checked: RunningNode) -> bool:
-        return checked.descendant("nats-server").pid != server.pid
+        fresh = checked.find_descendant("nats-server")
+        return fresh is not None and fresh.pid != server.pid
 
     node.wait_until("a new nats-server", 30, restarted)
     started = time.monotonic()

@@ -149,14 +149,15 @@ def test_malformed_bodies_are_400(node: RunningNode) -> None:
 
 
 def test_cluster_endpoints(node: RunningNode) -> None:
-    node_id = node.get("/node_id").json()
+    node_id = node.get("/node_id").json()["node_id"]
     state = node.state()
     assert state["master_node_id"] == node_id
     assert node_id in state["nodes"]
     assert node.get("/healthz").status_code == 200
-    events = node.get("/events").json()
-    assert isinstance(events, list)
-    assert events
+    page = node.get("/events").json()
+    assert page["events"][0]["index"] == 0
+    assert page["events"][0]["event"]["kind"] == "master_elected"
+    assert page["last_index"] >= state["last_index"]
     assert (node.home / "node_id").read_text().strip() == node_id
 
 
@@ -166,14 +167,14 @@ def test_node_keeps_its_id_across_restarts(tmp_path: Path) -> None:
     first.start()
     try:
         first.wait_until("the API", 60, lambda n: n.get("/healthz").status_code == 200)
-        node_id = first.get("/node_id").json()
+        node_id = first.get("/node_id").json()["node_id"]
     finally:
         first.stop()
     second = RunningNode(home, "--no-default-model")
     second.start()
     try:
         second.wait_until("the API", 60, lambda n: n.get("/healthz").status_code == 200)
-        assert second.get("/node_id").json() == node_id
+        assert second.get("/node_id").json()["node_id"] == node_id
         assert second.state()["term"] > 1
     finally:
         second.stop()

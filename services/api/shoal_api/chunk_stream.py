@@ -15,7 +15,7 @@ from shoal_shared.ids import TaskId
 
 CHUNK: Final[TypeAdapter[Chunk]] = TypeAdapter(Chunk)
 
-ChunkProblem = Literal["gap", "timeout", "malformed"]
+ChunkProblem = Literal["gap", "timeout", "malformed", "aborted"]
 
 
 @final
@@ -45,12 +45,17 @@ class ChunkReceiver:
     def __init__(self, task_id: TaskId, timeout_seconds: float) -> None:
         self._task_id = task_id
         self._timeout_seconds = timeout_seconds
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        # Payloads, or the error that ends the stream early (`abort`).
+        self._queue: asyncio.Queue[bytes | ChunkStreamError] = asyncio.Queue()
         self._expected_sequence = 0
 
     def deliver(self, payload: bytes) -> None:
         """The bus callback: never blocks (the queue is unbounded)."""
         self._queue.put_nowait(payload)
+
+    def abort(self, message: str) -> None:
+        """End the stream: the waiting (or next) `next_chunk` raises instead of waiting."""
+        self._queue.put_nowait(ChunkStreamError("aborted", message))
 
     async def next_chunk(self) -> Chunk:
         try:
@@ -62,6 +67,8 @@ class ChunkReceiver:
                 f"no token chunk of task {self._task_id} arrived for "
                 f"{self._timeout_seconds:g} s: the worker or its runner stopped answering",
             ) from None
+        if isinstance(payload, ChunkStreamError):
+            raise payload
         try:
             chunk = CHUNK.validate_json(payload)
         except ValidationError as error:

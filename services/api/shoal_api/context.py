@@ -113,6 +113,10 @@ class BackgroundWork:
             await asyncio.wait(pending)
 
 
+class AbortableSession(Protocol):
+    def abort(self, message: str) -> None: ...
+
+
 @final
 class ApiContext:
     def __init__(
@@ -125,6 +129,14 @@ class ApiContext:
         self.cards = cards
         self.timeouts = timeouts or ApiTimeouts()
         self.background = BackgroundWork()
+        # Chat sessions whose task may still be running (see inference.ChatSession).
+        self.open_sessions: set[AbortableSession] = set()
+
+    def abort_sessions(self, message: str) -> None:
+        """End every open chat session with an error: at shutdown, streams then end at once
+        (with an error event and a cancelled task) instead of being cut off mid-chunk."""
+        for session in list(self.open_sessions):
+            session.abort(message)
 
     @property
     def node_id(self) -> NodeId:

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Literal, final
 
-from shoal_shared.chunks import ErrorChunk, FinishChunk, TokenChunk, Usage
+from shoal_shared.chunks import ErrorChunk, TokenChunk, Usage
 from shoal_shared.commands import CancelTask, CommandRejected, SubmitTask
 from shoal_shared.frozen import FrozenModel
 from shoal_shared.ids import ModelId, new_command_id, new_task_id
@@ -35,6 +35,13 @@ logger = logging.getLogger(__name__)
 CompletedReason = Literal["stop", "length"]
 
 
+class Finished(FrozenModel):
+    """The end of a successful task: why it stopped, and what it cost."""
+
+    finish_reason: CompletedReason
+    usage: Usage
+
+
 def resolve_model(context: ApiContext, model: str) -> ModelCard:
     card = context.cards.get(ModelId(model))
     if card is None:
@@ -48,9 +55,13 @@ def resolve_model(context: ApiContext, model: str) -> ModelCard:
 
 
 def stream_failure(error: ChunkStreamError) -> ApiError:
-    if error.problem == "timeout":
-        return server_error(error.message, code="timeout", status=504)
-    return server_error(error.message, code=f"chunk_{error.problem}", status=502)
+    match error.problem:
+        case "timeout":
+            return server_error(error.message, code="timeout", status=504)
+        case "aborted":
+            return unavailable(error.message, code="shutting_down")
+        case "gap" | "malformed":
+            return server_error(error.message, code=f"chunk_{error.problem}", status=502)
 
 
 @final
@@ -72,9 +83,15 @@ class ChatSession:
         self._unsubscribe = unsubscribe
         self._finished = False
         self._closed = False
+        context.open_sessions.add(self)
 
-    async def chunks(self) -> AsyncIterator[TokenChunk | FinishChunk]:
-        """Token chunks, then the finish chunk; raises ApiError when the task fails."""
+    def abort(self, message: str) -> None:
+        """End the session's chunk stream with an error (the API is stopping)."""
+        self._receiver.abort(message)
+
+    async def chunks(self) -> AsyncIterator[TokenChunk | Finished]:
+        """Token chunks, then `Finished`; raises ApiError when the task fails, is cancelled
+        or its chunks stop arriving in order."""
         while not self._finished:
             try:
                 chunk = await self._receiver.next_chunk()
@@ -86,12 +103,16 @@ class ChatSession:
             self._finished = True
             if isinstance(chunk, ErrorChunk):
                 raise server_error(f"inference failed: {chunk.message}", code="inference_failed")
-            if chunk.finish_reason == "cancelled":
-                raise unavailable(
-                    "the task was cancelled before it finished (was its instance deleted?)",
-                    code="task_cancelled",
-                )
-            yield chunk
+            match chunk.finish_reason:
+                case "stop" | "length":
+                    yield Finished(finish_reason=chunk.finish_reason, usage=chunk.usage)
+                case "cancelled":
+                    # Not by this client (it would not be listening): by whoever deleted the
+                    # instance or cancelled the task. OpenAI has no finish reason for it.
+                    raise unavailable(
+                        "the task was cancelled before it finished (was its instance deleted?)",
+                        code="task_cancelled",
+                    )
 
     def close(self, cancel_unfinished: bool = True) -> None:
         """Idempotent and synchronous: safe in a `finally` of a cancelled request. The I/O
@@ -99,6 +120,7 @@ class ChatSession:
         if self._closed:
             return
         self._closed = True
+        self._context.open_sessions.discard(self)
         cancel = cancel_unfinished and not self._finished
         self._context.background.spawn(
             _release(self._context, self.task, self._unsubscribe, cancel=cancel),
@@ -190,7 +212,7 @@ async def complete(session: ChatSession) -> Completion:
     async for chunk in session.chunks():
         if isinstance(chunk, TokenChunk):
             parts.append(chunk.text)
-        elif chunk.finish_reason != "cancelled":
+        else:
             return Completion(
                 text="".join(parts), finish_reason=chunk.finish_reason, usage=chunk.usage
             )

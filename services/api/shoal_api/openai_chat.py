@@ -35,8 +35,7 @@ async def _sse_events(
                 if chunk.text:
                     yield sse_data(renderer.content(chunk.text))
                 continue
-            if chunk.finish_reason != "cancelled":
-                yield sse_data(renderer.finish(chunk.finish_reason))
+            yield sse_data(renderer.finish(chunk.finish_reason))
             if include_usage:
                 yield sse_data(renderer.usage(chunk.usage))
         yield DONE

@@ -4,7 +4,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Final, final
 
 import uvicorn
@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 # their tasks on the cluster).
 GRACEFUL_SHUTDOWN_SECONDS: Final = 5
 BACKGROUND_DRAIN_SECONDS: Final = 5.0
+# uvicorn's default.
+LISTEN_BACKLOG: Final = 2048
 
 
 class ApiStartupError(RuntimeError):
@@ -49,14 +51,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))
+        # Listening now lets clients connect (and wait in the backlog) before uvicorn starts.
+        listener.listen(LISTEN_BACKLOG)
     except OSError as error:
         listener.close()
         raise ApiStartupError(f"cannot serve the API on {host}:{port}: {error}") from error
     return listener
 
 
-async def serve(app: FastAPI, listener: socket.socket) -> None:
-    """Serve `app` on `listener` until cancelled, then shut down gracefully and re-raise."""
+async def serve(
+    app: FastAPI, listener: socket.socket, on_stop: Callable[[], None] | None = None
+) -> None:
+    """Serve `app` on `listener` until cancelled, then shut down gracefully and re-raise.
+    `on_stop` runs first on cancellation, to end long responses (streams) promptly."""
     host, port = listener.getsockname()[:2]
     config = uvicorn.Config(
         app,
@@ -72,6 +79,8 @@ async def serve(app: FastAPI, listener: socket.socket) -> None:
         # uvicorn then gets to finish open responses and close its connections.
         await asyncio.wait({serving})
     except asyncio.CancelledError:
+        if on_stop is not None:
+            on_stop()
         server.should_exit = True
         await asyncio.wait({serving})
         raise
@@ -104,7 +113,11 @@ async def run_api(settings: NodeSettings) -> None:
     following.add_done_callback(_report_follower_failure)
     try:
         logger.info("api of node %s on %s:%d", node_id, settings.api_host, settings.api_port)
-        await serve(create_app(context), listener)
+        await serve(
+            create_app(context),
+            listener,
+            on_stop=lambda: context.abort_sessions("this node's API is shutting down"),
+        )
     finally:
         following.cancel()
         await asyncio.wait({following})

@@ -166,11 +166,13 @@ async def running_broker(settings: NodeSettings, node_id: NodeId) -> AsyncGenera
 
 
 @contextlib.asynccontextmanager
-async def serving(app: FastAPI) -> AsyncGenerator[str, None]:
+async def serving(
+    app: FastAPI, on_stop: Callable[[], None] | None = None
+) -> AsyncGenerator[str, None]:
     """Serve `app` with uvicorn on a free loopback port; yields its base URL."""
     listener = bind_socket("127.0.0.1", 0)
     port = int(listener.getsockname()[1])
-    task = asyncio.create_task(serve(app, listener))
+    task = asyncio.create_task(serve(app, listener, on_stop))
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -187,6 +189,8 @@ class FakeMaster:
         self.cards = cards
         self.script: ChunkScript = answer_script
         self.submit_rejection: RejectionCode | None = None
+        # False: commands are handled but never answered, as by a master that hangs.
+        self.replying = True
         self.commands: list[Command] = []
         self.cancelled: asyncio.Queue[TaskId] = asyncio.Queue()
         self.state = State()
@@ -242,6 +246,8 @@ class FakeMaster:
         command = COMMAND.validate_json(message.data)
         self.commands.append(command)
         reply = await self._decide(command)
+        if not self.replying:
+            return
         await self.bus.reply(message, reply)
         if isinstance(command, SubmitTask) and isinstance(reply, CommandAccepted):
             # Apart from this callback: a script may stall, and cancels arrive here too.

@@ -71,7 +71,10 @@ async def api_context(settings: NodeSettings, fake_master: FakeMaster) -> AsyncI
 
 @pytest.fixture
 async def api_url(api_context: ApiContext) -> AsyncIterator[str]:
-    async with serving(create_app(api_context)) as url:
+    def end_open_streams() -> None:
+        api_context.abort_sessions("the test API is stopping")
+
+    async with serving(create_app(api_context), on_stop=end_open_streams) as url:
         yield url
 
 

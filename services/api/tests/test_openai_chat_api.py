@@ -17,7 +17,7 @@ from shoal_api.testing import (
     cards_for_tests,
     token_chunks,
 )
-from shoal_shared.chunks import Chunk, ErrorChunk
+from shoal_shared.chunks import Chunk, ErrorChunk, FinishChunk, Usage
 from shoal_shared.commands import RejectionCode
 from shoal_shared.events import RunnerStatusChanged
 from shoal_shared.runner_status import RunnerLoading
@@ -313,8 +313,52 @@ async def test_a_rejected_task_maps_to_a_status(
     assert fake_master.cancelled.empty()
 
 
-async def test_no_master_is_503(http: httpx.AsyncClient, fake_master: FakeMaster) -> None:
+async def test_no_master_is_503(
+    http: httpx.AsyncClient, fake_master: FakeMaster, api_context: ApiContext
+) -> None:
     await fake_master.stop_answering_commands()
     response = await http.post("/v1/chat/completions", json=HELLO)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_master"
+    # Nobody received the task: nothing to cancel.
+    await api_context.background.drain(5)
+    assert fake_master.commands == []
+
+
+async def test_a_master_that_does_not_reply_is_503_and_the_task_is_cancelled(
+    http: httpx.AsyncClient, fake_master: FakeMaster
+) -> None:
+    fake_master.replying = False
+    response = await http.post("/v1/chat/completions", json=HELLO)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_master"
+    # It may have accepted the task before its reply got lost: the task is cancelled.
+    [task] = fake_master.submitted()
+    assert await asyncio.wait_for(fake_master.cancelled.get(), 5) == task.task_id
+
+
+async def test_tokens_stream_without_per_token_delay(
+    http: httpx.AsyncClient, fake_master: FakeMaster
+) -> None:
+    """A regression guard for the hot path: thousands of tokens a second get through (a
+    runner makes tens to hundreds), so no polling or sleeping sits between NATS and HTTP."""
+    count = 2000
+
+    def long_script(task: ChatTask) -> list[Chunk]:
+        finish = FinishChunk(
+            task_id=task.task_id,
+            sequence=count,
+            finish_reason="length",
+            usage=Usage(prompt_tokens=1, completion_tokens=count),
+        )
+        return [*token_chunks(task, ["x"] * count), finish]
+
+    fake_master.script = long_script
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with http.stream("POST", "/v1/chat/completions", json={**HELLO, "stream": True}) as r:
+        events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    elapsed = loop.time() - started
+    assert len(events) == 1 + count + 1 + 1
+    assert '"finish_reason":"length"' in events[-2]
+    assert elapsed < 10

@@ -1,0 +1,311 @@
+"""The bully election as a pure state machine: inputs in, outputs out, no I/O, no clock.
+
+The wiring (NATS connections to every peer, the term file, the leaf topology) feeds `Tick`s and
+`Received` messages with a monotonic `now`, and carries out the returned outputs in order.
+
+Policy, in one place:
+
+- Rank: priority, then seniority (earlier first start), then the greater node id (see
+  `bully_messages.rank_key`).
+- Liveness comes only from received messages: a peer is live while it was heard within
+  `peer_timeout`. Any message, even one with a stale term, proves life.
+- Terms: a node keeps the highest term it has seen (adopting any higher one) and a new master
+  takes that term + 1. A `PersistTerm` always precedes the messages of one `handle` call, so
+  the wiring persists a term before anything carrying it is sent.
+- Who stands: after a `startup_grace` (time to hear the peers before acting), the highest-ranked
+  live node makes itself master when there is no live master. A node that outranks a live
+  master takes over with a new term only after `takeover_hold` of uptime, so a node that
+  crash-loops never deposes anyone. A node that does not outrank the master never deposes it,
+  whatever term it comes back with: it adopts the current term and follows.
+- Split brain: when a master hears a conflicting claim from a lower-ranked node, in its own
+  term or in an older term it had not heard of when it was elected, it opens a new term. With
+  bully takeover this makes a healed partition converge on the highest-ranked master under a
+  term higher than both sides'. Per-term uniqueness holds only between nodes that could hear
+  each other: without a quorum, the two sides of a partition may pick the same term.
+"""
+
+from dataclasses import dataclass
+from typing import Self, final
+
+from pydantic import Field, model_validator
+
+from shoal_election.bully_messages import (
+    Candidate,
+    Coordinator,
+    ElectionMessage,
+    Heartbeat,
+    claimed_master,
+    outranks,
+)
+from shoal_shared.frozen import FrozenModel
+from shoal_shared.ids import NodeId
+
+
+class ElectionTiming(FrozenModel):
+    """Seconds. The defaults elect a new master ~1.5 s after the old one's last heartbeat."""
+
+    heartbeat_interval: float = Field(default=0.25, gt=0)
+    # Several missed heartbeats in a row before a peer counts as dead: one lost message must
+    # not trigger an election.
+    peer_timeout: float = Field(default=1.5, gt=0)
+    # How long a node that has just started listens before it may make itself master, so that
+    # nodes started together hear each other first and elect once.
+    startup_grace: float = Field(default=1.0, gt=0)
+    # Uptime a node needs before it deposes a live master it outranks (anti-flapping).
+    takeover_hold: float = Field(default=3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_proportions(self) -> Self:
+        if self.peer_timeout < 3 * self.heartbeat_interval:
+            raise ValueError("peer_timeout must span at least three heartbeats")
+        if self.startup_grace < 2 * self.heartbeat_interval:
+            raise ValueError("startup_grace must span at least two heartbeats")
+        if self.takeover_hold < self.startup_grace:
+            raise ValueError("takeover_hold must not be shorter than startup_grace")
+        return self
+
+
+# Inputs and outputs never leave the process, so they are plain frozen dataclasses.
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    message: ElectionMessage
+    now: float
+
+
+ElectionInput = Tick | Received
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    to: NodeId
+    message: ElectionMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    message: ElectionMessage
+
+
+@dataclass(frozen=True, slots=True)
+class PersistTerm:
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class MasterChanged:
+    """The view changed. `master_node_id` None: the master died and none is known yet."""
+
+    master_node_id: NodeId | None
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAlive:
+    node_id: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDead:
+    node_id: NodeId
+
+
+ElectionOutput = Send | Broadcast | PersistTerm | MasterChanged | PeerAlive | PeerDead
+
+
+@dataclass(slots=True)
+class _Peer:
+    candidate: Candidate
+    last_heard: float
+
+
+@final
+class BullyElection:
+    def __init__(self, me: Candidate, persisted_term: int, timing: ElectionTiming) -> None:
+        if persisted_term < 0:
+            raise ValueError(f"persisted term {persisted_term} is negative")
+        self._me = me
+        self._timing = timing
+        self._term = persisted_term
+        # A restarted node never resumes as master of its old term: it listens, then elects.
+        self._master: NodeId | None = None
+        # When the current view was adopted: a master named by gossip gets one peer timeout to
+        # be heard directly before it counts as dead.
+        self._view_since = 0.0
+        self._started_at: float | None = None
+        self._next_heartbeat_at: float | None = None
+        self._peers: dict[NodeId, _Peer] = {}
+        # The highest term each node has been seen claiming, and a copy taken when this node
+        # last became master: a claim outside the copy is news of a split brain.
+        self._claims_seen: dict[NodeId, int] = {}
+        self._claims_known_when_elected: dict[NodeId, int] = {}
+        self._messages: list[Send | Broadcast] = []
+        self._peer_changes: list[PeerAlive | PeerDead] = []
+
+    @property
+    def me(self) -> Candidate:
+        return self._me
+
+    @property
+    def master(self) -> NodeId | None:
+        return self._master
+
+    @property
+    def term(self) -> int:
+        return self._term
+
+    @property
+    def live_peers(self) -> frozenset[NodeId]:
+        return frozenset(self._peers)
+
+    def handle(self, event: ElectionInput) -> tuple[ElectionOutput, ...]:
+        now = event.now
+        if self._started_at is None:
+            self._started_at = now
+        term_before, master_before = self._term, self._master
+        self._messages = []
+        self._peer_changes = []
+        if isinstance(event, Received):
+            self._receive(event.message, now)
+        self._expire_silent_peers(now)
+        self._stand_if_due(now)
+        if isinstance(event, Tick):
+            self._heartbeat_if_due(now)
+        # Coalesced: one PersistTerm for the final term, before every message of this step.
+        outputs: list[ElectionOutput] = []
+        if self._term > term_before:
+            outputs.append(PersistTerm(self._term))
+        outputs.extend(self._peer_changes)
+        if (self._master, self._term) != (master_before, term_before):
+            outputs.append(MasterChanged(self._master, self._term))
+        outputs.extend(self._messages)
+        return tuple(outputs)
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    def _receive(self, message: ElectionMessage, now: float) -> None:
+        sender = message.sender
+        if sender.node_id == self._me.node_id:
+            return  # our own broadcast echoed back
+        self._hear(sender, now)
+        claimed = claimed_master(message)
+        if claimed is not None:
+            previous = self._claims_seen.get(claimed, -1)
+            self._claims_seen[claimed] = max(previous, message.term)
+        if message.term > self._term:
+            # A claim naming us for a term we never held cannot be trusted: adopt the term only.
+            self._adopt(message.term, None if claimed == self._me.node_id else claimed, now)
+        elif message.term == self._term:
+            self._same_term_claim(sender, claimed, now)
+        else:
+            self._stale_message(sender, claimed, message.term, now)
+
+    def _hear(self, sender: Candidate, now: float) -> None:
+        peer = self._peers.get(sender.node_id)
+        if peer is None:
+            self._peers[sender.node_id] = _Peer(candidate=sender, last_heard=now)
+            self._peer_changes.append(PeerAlive(sender.node_id))
+        else:
+            peer.candidate = sender
+            peer.last_heard = max(peer.last_heard, now)
+
+    def _adopt(self, term: int, master: NodeId | None, now: float) -> None:
+        self._term = term
+        self._master = master
+        self._view_since = now
+
+    def _same_term_claim(self, sender: Candidate, claimed: NodeId | None, now: float) -> None:
+        if claimed is None or claimed == self._master or claimed == self._me.node_id:
+            return
+        if claimed != sender.node_id:
+            # Gossip fills a gap only with a master we hear ourselves; re-adopting one we have
+            # just declared dead would postpone the election for another timeout.
+            if self._master is None and claimed in self._peers:
+                self._adopt(self._term, claimed, now)
+            return
+        # The sender itself claims our term.
+        if self._master is None:
+            self._adopt(self._term, claimed, now)
+        elif self._master == self._me.node_id:
+            # Two masters in one term (a healed partition): the higher-ranked opens a new term,
+            # the other steps down and follows it until that term arrives.
+            if outranks(self._me, sender):
+                self._become_master(now)
+            else:
+                self._adopt(self._term, claimed, now)
+        else:
+            current = self._peers.get(self._master)
+            if current is None or outranks(sender, current.candidate):
+                self._adopt(self._term, claimed, now)
+
+    def _stale_message(
+        self, sender: Candidate, claimed: NodeId | None, term: int, now: float
+    ) -> None:
+        # Tell the sender the current view now rather than at our next heartbeat.
+        self._messages.append(Send(sender.node_id, self._heartbeat()))
+        if (
+            claimed == sender.node_id
+            and self._master == self._me.node_id
+            and outranks(self._me, sender)
+            and term > self._claims_known_when_elected.get(sender.node_id, -1)
+        ):
+            # A master we had not heard of when elected (the other side of a partition): open
+            # a new term so that the merged cluster's term is higher than both sides'.
+            self._become_master(now)
+
+    # --- time-driven ---------------------------------------------------------------------------
+
+    def _expire_silent_peers(self, now: float) -> None:
+        timeout = self._timing.peer_timeout
+        for node_id, peer in list(self._peers.items()):
+            if now - peer.last_heard >= timeout:
+                del self._peers[node_id]
+                self._peer_changes.append(PeerDead(node_id))
+        master = self._master
+        if (
+            master is not None
+            and master != self._me.node_id
+            and master not in self._peers
+            and now - self._view_since >= timeout
+        ):
+            self._master = None
+
+    def _stand_if_due(self, now: float) -> None:
+        """Re-evaluated on every input, so lost or reordered messages cannot wedge it."""
+        if self._master == self._me.node_id or self._uptime(now) < self._timing.startup_grace:
+            return
+        if any(outranks(peer.candidate, self._me) for peer in self._peers.values()):
+            return  # a live higher-ranked node is the one to stand
+        if self._master is None:
+            self._become_master(now)
+        elif self._master in self._peers and self._uptime(now) >= self._timing.takeover_hold:
+            # Bully takeover of a live master we outrank. A master known only by gossip is
+            # left alone until we hear it (or it times out), so we never depose a stranger.
+            self._become_master(now)
+
+    def _become_master(self, now: float) -> None:
+        self._adopt(self._term + 1, self._me.node_id, now)
+        self._claims_seen[self._me.node_id] = self._term
+        self._claims_known_when_elected = dict(self._claims_seen)
+        self._messages.append(Broadcast(Coordinator(sender=self._me, term=self._term)))
+
+    def _heartbeat_if_due(self, now: float) -> None:
+        due = self._next_heartbeat_at
+        if due is not None and now < due:
+            return
+        # Keep the cadence of the schedule, not of the ticks, but never burst after a stall.
+        interval = self._timing.heartbeat_interval
+        self._next_heartbeat_at = now + interval if due is None else max(due + interval, now)
+        self._messages.append(Broadcast(self._heartbeat()))
+
+    def _heartbeat(self) -> Heartbeat:
+        return Heartbeat(sender=self._me, term=self._term, master_node_id=self._master)
+
+    def _uptime(self, now: float) -> float:
+        return 0.0 if self._started_at is None else now - self._started_at
