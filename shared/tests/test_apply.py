@@ -18,8 +18,7 @@ from shoal_shared.events import (
 from shoal_shared.ids import InstanceId, RunnerId, TaskId
 from shoal_shared.runner_status import RunnerFailed, RunnerLoading, RunnerReady, RunnerShutDown
 from shoal_shared.state import State
-
-from .factories import INSTANCE, NODE_A, RUNNER, chat_task, indexed, instance, telemetry
+from shoal_shared.testing import INSTANCE, NODE_A, RUNNER, chat_task, indexed, instance, telemetry
 
 
 def fold(events: list[Event], term: int = 1) -> State:

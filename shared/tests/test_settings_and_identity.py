@@ -1,4 +1,5 @@
-import multiprocessing
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,14 +45,21 @@ def test_node_id_persists(tmp_path: Path) -> None:
     assert (tmp_path / "node_id").read_text() == first
 
 
-def _read_node_id(home: str) -> str:
-    return load_or_create_node_id(Path(home))
-
-
 def test_racing_processes_agree_on_one_node_id(tmp_path: Path) -> None:
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        ids = pool.map(_read_node_id, [str(tmp_path)] * 8)
-    assert len(set(ids)) == 1
+    program = (
+        "import sys; from pathlib import Path; "
+        "from shoal_shared.node_identity import load_or_create_node_id; "
+        "print(load_or_create_node_id(Path(sys.argv[1])))"
+    )
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", program, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    ids = {racer.communicate(timeout=60)[0].strip() for racer in racers}
+    assert len(ids) == 1
+    assert ids == {(tmp_path / "node_id").read_text()}
 
 
 def test_a_corrupt_node_id_file_is_reported(tmp_path: Path) -> None:

@@ -17,8 +17,7 @@ from shoal_shared.ids import CommandId, ModelId, TaskId, is_subject_token, new_n
 from shoal_shared.runner_status import RunnerFailed, RunnerLoading, RunnerStatus
 from shoal_shared.state import State
 from shoal_shared.tasks import SamplingParameters
-
-from .factories import INSTANCE, NODE_A, RUNNER, chat_task, indexed
+from shoal_shared.testing import INSTANCE, NODE_A, RUNNER, chat_task, indexed
 
 COMMANDS: list[Command] = [
     PlaceInstance(command_id=CommandId("c1"), model_id=ModelId("smollm2-135m")),

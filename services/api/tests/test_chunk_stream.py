@@ -1,5 +1,7 @@
 """Chunks arrive through a queue and are checked for order: a gap or silence is an error."""
 
+import asyncio
+
 import pytest
 from shoal_api.chunk_stream import ChunkReceiver, ChunkStreamError
 from shoal_shared.chunks import FinishChunk, TokenChunk, Usage
@@ -73,3 +75,13 @@ async def test_silence_times_out() -> None:
     with pytest.raises(ChunkStreamError) as caught:
         await receiver.next_chunk()
     assert caught.value.problem == "timeout"
+
+
+async def test_an_abort_wakes_a_waiting_reader() -> None:
+    receiver = ChunkReceiver(TASK, timeout_seconds=10)
+    reading = asyncio.create_task(receiver.next_chunk())
+    await asyncio.sleep(0)
+    receiver.abort("stopping")
+    with pytest.raises(ChunkStreamError) as caught:
+        await reading
+    assert (caught.value.problem, caught.value.message) == ("aborted", "stopping")

@@ -17,11 +17,16 @@ Policy, in one place:
   master takes over with a new term only after `takeover_hold` of uptime, so a node that
   crash-loops never deposes anyone. A node that does not outrank the master never deposes it,
   whatever term it comes back with: it adopts the current term and follows.
-- Split brain: when a master hears a conflicting claim from a lower-ranked node, in its own
-  term or in an older term it had not heard of when it was elected, it opens a new term. With
-  bully takeover this makes a healed partition converge on the highest-ranked master under a
-  term higher than both sides'. Per-term uniqueness holds only between nodes that could hear
-  each other: without a quorum, the two sides of a partition may pick the same term.
+- Every claim (a new term for oneself) requires that no live peer outranks the claimant, so two
+  nodes that hear each other never claim the same term. Without a quorum that is all one can
+  promise: the two sides of a partition may each claim the same term.
+- Split brain: when a master hears that a lower-ranked node claimed its own term, or an older
+  term it had not heard of when it was elected (heartbeats carry the sender's last claimed
+  term, so this holds even after the rival stepped down), it opens a new term. With bully
+  takeover this makes a healed partition converge on the highest-ranked live node under a term
+  higher than both sides'. The one exception: a winner elected while it already knew the
+  loser's claim (the loser was cut off after that claim had reached the winner's side) keeps
+  its term, which then already supersedes the loser's.
 """
 
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from shoal_election.bully_messages import (
     ElectionMessage,
     Heartbeat,
     claimed_master,
+    last_claimed_term,
     outranks,
 )
 from shoal_shared.frozen import FrozenModel
@@ -145,6 +151,7 @@ class BullyElection:
         # last became master: a claim outside the copy is news of a split brain.
         self._claims_seen: dict[NodeId, int] = {}
         self._claims_known_when_elected: dict[NodeId, int] = {}
+        self._last_claimed_term: int | None = None
         self._messages: list[Send | Broadcast] = []
         self._peer_changes: list[PeerAlive | PeerDead] = []
 
@@ -195,16 +202,24 @@ class BullyElection:
             return  # our own broadcast echoed back
         self._hear(sender, now)
         claimed = claimed_master(message)
-        if claimed is not None:
-            previous = self._claims_seen.get(claimed, -1)
-            self._claims_seen[claimed] = max(previous, message.term)
+        rival_term = last_claimed_term(message)
+        self._note_claim(claimed, message.term)
+        self._note_claim(sender.node_id, rival_term)
         if message.term > self._term:
             # A claim naming us for a term we never held cannot be trusted: adopt the term only.
             self._adopt(message.term, None if claimed == self._me.node_id else claimed, now)
         elif message.term == self._term:
             self._same_term_claim(sender, claimed, now)
         else:
-            self._stale_message(sender, claimed, message.term, now)
+            # Stale for the view, but tell the sender the current one now rather than at our
+            # next heartbeat.
+            self._messages.append(Send(sender.node_id, self._heartbeat()))
+        if rival_term is not None and rival_term < self._term:
+            self._merge_if_rival(sender, rival_term, now)
+
+    def _note_claim(self, node_id: NodeId | None, term: int | None) -> None:
+        if node_id is not None and term is not None:
+            self._claims_seen[node_id] = max(self._claims_seen.get(node_id, -1), term)
 
     def _hear(self, sender: Candidate, now: float) -> None:
         peer = self._peers.get(sender.node_id)
@@ -221,7 +236,14 @@ class BullyElection:
         self._view_since = now
 
     def _same_term_claim(self, sender: Candidate, claimed: NodeId | None, now: float) -> None:
-        if claimed is None or claimed == self._master or claimed == self._me.node_id:
+        if claimed == self._master or claimed == self._me.node_id:
+            return
+        if sender.node_id == self._master:
+            # Our master no longer claims this term (it stepped down after a split brain):
+            # follow whom it follows rather than a master that does not believe it is one.
+            self._adopt(self._term, claimed, now)
+            return
+        if claimed is None:
             return
         if claimed != sender.node_id:
             # Gossip fills a gap only with a master we hear ourselves; re-adopting one we have
@@ -233,30 +255,29 @@ class BullyElection:
         if self._master is None:
             self._adopt(self._term, claimed, now)
         elif self._master == self._me.node_id:
-            # Two masters in one term (a healed partition): the higher-ranked opens a new term,
-            # the other steps down and follows it until that term arrives.
-            if outranks(self._me, sender):
-                self._become_master(now)
-            else:
+            # Two masters in one term (a healed partition): the higher-ranked stays and opens a
+            # new term when it may stand; the other steps down and follows it meanwhile.
+            if not outranks(self._me, sender):
                 self._adopt(self._term, claimed, now)
+            elif self._highest_live():
+                self._become_master(now)
         else:
             current = self._peers.get(self._master)
             if current is None or outranks(sender, current.candidate):
                 self._adopt(self._term, claimed, now)
 
-    def _stale_message(
-        self, sender: Candidate, claimed: NodeId | None, term: int, now: float
-    ) -> None:
-        # Tell the sender the current view now rather than at our next heartbeat.
-        self._messages.append(Send(sender.node_id, self._heartbeat()))
+    def _merge_if_rival(self, sender: Candidate, rival_term: int, now: float) -> None:
+        """The sender was master of an older term that we had not heard of when elected: the
+        other side of a healed partition. Open a new term, so that the merged cluster's term is
+        higher than both sides'. A claim we knew of is already superseded by our term: acting
+        on it again would bump the term on every delayed heartbeat of the master we replaced.
+        """
         if (
-            claimed == sender.node_id
-            and self._master == self._me.node_id
+            self._master == self._me.node_id
             and outranks(self._me, sender)
-            and term > self._claims_known_when_elected.get(sender.node_id, -1)
+
+            and self._highest_live()
         ):
-            # A master we had not heard of when elected (the other side of a partition): open
-            # a new term so that the merged cluster's term is higher than both sides'.
             self._become_master(now)
 
     # --- time-driven ---------------------------------------------------------------------------
@@ -280,7 +301,7 @@ class BullyElection:
         """Re-evaluated on every input, so lost or reordered messages cannot wedge it."""
         if self._master == self._me.node_id or self._uptime(now) < self._timing.startup_grace:
             return
-        if any(outranks(peer.candidate, self._me) for peer in self._peers.values()):
+        if not self._highest_live():
             return  # a live higher-ranked node is the one to stand
         if self._master is None:
             self._become_master(now)
@@ -289,10 +310,15 @@ class BullyElection:
             # left alone until we hear it (or it times out), so we never depose a stranger.
             self._become_master(now)
 
+    def _highest_live(self) -> bool:
+        """Every claim requires it: two nodes that hear each other never claim one term."""
+        return not any(outranks(peer.candidate, self._me) for peer in self._peers.values())
+
     def _become_master(self, now: float) -> None:
         self._adopt(self._term + 1, self._me.node_id, now)
         self._claims_seen[self._me.node_id] = self._term
         self._claims_known_when_elected = dict(self._claims_seen)
+        self._last_claimed_term = self._term
         self._messages.append(Broadcast(Coordinator(sender=self._me, term=self._term)))
 
     def _heartbeat_if_due(self, now: float) -> None:
@@ -301,11 +327,19 @@ class BullyElection:
             return
         # Keep the cadence of the schedule, not of the ticks, but never burst after a stall.
         interval = self._timing.heartbeat_interval
-        self._next_heartbeat_at = now + interval if due is None else max(due + interval, now)
+        if due is not None and due + interval > now:
+            self._next_heartbeat_at = due + interval
+        else:
+            self._next_heartbeat_at = now + interval
         self._messages.append(Broadcast(self._heartbeat()))
 
     def _heartbeat(self) -> Heartbeat:
-        return Heartbeat(sender=self._me, term=self._term, master_node_id=self._master)
+        return Heartbeat(
+            sender=self._me,
+            term=self._term,
+            master_node_id=self._master,
+            last_claimed_term=self._last_claimed_term,
+        )
 
     def _uptime(self, now: float) -> float:
         return 0.0 if self._started_at is None else now - self._started_at

@@ -54,6 +54,10 @@ class Heartbeat(FrozenModel):
     term: Term
     # Whom the sender follows in `term`; itself when it is the master; None when it knows none.
     master_node_id: NodeId | None
+    # The last term the sender made itself master of since it started (None: never). A master
+    # that had not heard of that claim learns it met the other side of a healed partition,
+    # even when the rival has already stepped down.
+    last_claimed_term: Term | None
 
 
 class Coordinator(FrozenModel):
@@ -66,9 +70,7 @@ class Coordinator(FrozenModel):
 
 ElectionMessage = Annotated[Heartbeat | Coordinator, Field(discriminator="kind")]
 
-ELECTION_MESSAGE_ADAPTER: Final[TypeAdapter[Heartbeat | Coordinator]] = TypeAdapter(
-    ElectionMessage
-)
+ELECTION_MESSAGE_ADAPTER: Final[TypeAdapter[Heartbeat | Coordinator]] = TypeAdapter(ElectionMessage)
 
 
 def claimed_master(message: Heartbeat | Coordinator) -> NodeId | None:
@@ -78,3 +80,12 @@ def claimed_master(message: Heartbeat | Coordinator) -> NodeId | None:
             return message.master_node_id
         case Coordinator():
             return message.sender.node_id
+
+
+def last_claimed_term(message: Heartbeat | Coordinator) -> int | None:
+    """The last term the sender itself claimed, as far as the message tells."""
+    match message:
+        case Heartbeat():
+            return message.last_claimed_term
+        case Coordinator():
+            return message.term

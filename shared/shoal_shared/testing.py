@@ -1,4 +1,4 @@
-"""Small builders of valid shared objects for tests."""
+"""Small builders of valid shared objects, for the tests of every package."""
 
 from shoal_shared.events import Event, IndexedEvent, LocalOrigin
 from shoal_shared.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
