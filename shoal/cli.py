@@ -26,6 +26,18 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--leaf-port", type=int, help="NATS leafnode port, default 52417")
     group.add_argument("--namespace", help="cluster namespace (SHOAL_NAMESPACE)")
     group.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    group.add_argument("--bind-host", help="address the NATS listeners bind (SHOAL_BIND_HOST)")
+    group.add_argument(
+        "--peers", help="host:port,... of peers' NATS ports, where multicast does not reach"
+    )
+    group.add_argument("--priority", type=int, help="election priority; higher wins")
+    group.add_argument(
+        "--no-mdns",
+        dest="mdns",
+        action="store_const",
+        const=False,
+        help="do not advertise or browse with mDNS (use --peers)",
+    )
     group.add_argument(
         "--no-default-model",
         dest="place_default_model",

@@ -8,6 +8,8 @@ from shoal_shared.events import (
     InstanceCreated,
     InstanceDeleted,
     MasterElected,
+    NodeDiscovered,
+    NodeLost,
     NodeTelemetryUpdated,
     RunnerStatusChanged,
     TaskCancelRequested,
@@ -56,6 +58,20 @@ def _apply_event(state: State, indexed: IndexedEvent) -> State:
     match event:
         case MasterElected():
             return state.model_copy(update={"master_node_id": event.master_node_id})
+        case NodeDiscovered():
+            return state.model_copy(update={"members": state.members | {event.node_id}})
+        case NodeLost():
+            return state.model_copy(
+                update={
+                    "members": state.members - {event.node_id},
+                    "nodes": _without(state.nodes, event.node_id),
+                    "runners": {
+                        runner_id: runner
+                        for runner_id, runner in state.runners.items()
+                        if runner.node_id != event.node_id
+                    },
+                }
+            )
         case NodeTelemetryUpdated():
             node = NodeInfo(node_id=event.node_id, telemetry=event.telemetry)
             return state.model_copy(update={"nodes": {**state.nodes, event.node_id: node}})

@@ -9,6 +9,7 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Final, final
@@ -16,7 +17,7 @@ from typing import Final, final
 from shoal_shared import streams
 from shoal_shared.bus import Bus
 from shoal_shared.ids import NodeId
-from shoal_shared.settings import NodeSettings
+from shoal_shared.settings import NATS_USER, NodeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,19 @@ def _quoted(value: str | Path) -> str:
 
 def server_config(settings: NodeSettings, node_id: NodeId) -> str:
     run_dir = settings.run_dir
+    credentials = [
+        f"  user: {_quoted(NATS_USER)}",
+        f"  password: {_quoted(settings.nats_password)}",
+    ]
     return "\n".join(
         [
             f"server_name: {_quoted(node_id)}",
-            "host: 127.0.0.1",
+            f"host: {_quoted(settings.bind_host)}",
             f"port: {settings.nats_port}",
+            # Every client, local or from a peer, presents the cluster's password.
+            "authorization {",
+            *credentials,
+            "}",
             f"pid_file: {_quoted(run_dir / SERVER_PID_FILE)}",
             "max_payload: 8MB",
             "jetstream {",
@@ -59,14 +68,51 @@ def server_config(settings: NodeSettings, node_id: NodeId) -> str:
             f"  domain: {_quoted(node_id)}",
             "}",
             "leafnodes {",
-            # Loopback only until the cluster secret guards the leaf listener (cluster mode).
-            "  host: 127.0.0.1",
+            f"  host: {_quoted(settings.bind_host)}",
             f"  port: {settings.leaf_port}",
+            "  authorization {",
+            *[f"  {line}" for line in credentials],
+            "  }",
             f"  include {_quoted(LEAF_REMOTES_FILE)}",
             "}",
             "",
         ]
     )
+
+
+def leaf_remotes(settings: NodeSettings, master_urls: list[str]) -> str:
+    """The include file: no remotes on the master, the master's leaf URL(s) elsewhere."""
+    if not master_urls:
+        return "remotes: []\n"
+    urls = ", ".join(_quoted(url) for url in master_urls)
+    return f"remotes: [ {{ urls: [ {urls} ] }} ]\n"
+
+
+def leaf_url(settings: NodeSettings, host: str, port: int) -> str:
+    return f"nats-leaf://{NATS_USER}:{settings.nats_password}@{host}:{port}"
+
+
+def write_leaf_remotes(settings: NodeSettings, master_urls: list[str]) -> bool:
+    """Rewrite the include file atomically; True when it changed (then SIGHUP the server)."""
+    path = settings.run_dir / LEAF_REMOTES_FILE
+    content = leaf_remotes(settings, master_urls)
+    if path.exists() and path.read_text() == content:
+        return False
+    draft = path.with_suffix(".tmp")
+    draft.write_text(content)
+    draft.replace(path)
+    return True
+
+
+def reload_server(settings: NodeSettings) -> bool:
+    """SIGHUP the node's nats-server (found by its pid file) so it re-reads the remotes."""
+    pid_file = settings.run_dir / SERVER_PID_FILE
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    return True
 
 
 def write_config(settings: NodeSettings, node_id: NodeId) -> Path:

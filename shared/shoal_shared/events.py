@@ -18,6 +18,20 @@ class MasterElected(FrozenModel):
     term: int = Field(ge=1)
 
 
+class NodeDiscovered(FrozenModel):
+    """The master's election sees the node alive (NATS heartbeats): index its local stream."""
+
+    kind: Literal["node_discovered"] = "node_discovered"
+    node_id: NodeId
+
+
+class NodeLost(FrozenModel):
+    """The master's election stopped hearing the node: it leaves state with its runners."""
+
+    kind: Literal["node_lost"] = "node_lost"
+    node_id: NodeId
+
+
 class NodeTelemetryUpdated(FrozenModel):
     kind: Literal["node_telemetry_updated"] = "node_telemetry_updated"
     node_id: NodeId
@@ -64,6 +78,8 @@ class TaskFinished(FrozenModel):
 
 Event = Annotated[
     MasterElected
+    | NodeDiscovered
+    | NodeLost
     | NodeTelemetryUpdated
     | InstanceCreated
     | InstanceDeleted

@@ -17,6 +17,8 @@ class ShardAssignment(FrozenModel):
     # Pipeline shards hold layers [start_layer, end_layer); a tensor shard holds every layer.
     start_layer: int = Field(ge=0)
     end_layer: int = Field(ge=1)
+    # "ip:port" of this rank in the instance's mx.distributed ring; None when it runs alone.
+    ring_address: str | None = None
 
 
 class Instance(FrozenModel):

@@ -4,6 +4,7 @@
 every process of a node agrees on its home and ports.
 """
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from shoal_shared.frozen import FrozenModel
 DEFAULT_API_PORT: Final = 52415
 DEFAULT_NATS_PORT: Final = 52416
 DEFAULT_LEAF_PORT: Final = 52417
+NATS_USER: Final = "shoal"
 
 
 class NodeSettings(FrozenModel):
@@ -24,13 +26,32 @@ class NodeSettings(FrozenModel):
     api_port: int = Field(default=DEFAULT_API_PORT, ge=1, le=65535)
     nats_port: int = Field(default=DEFAULT_NATS_PORT, ge=1, le=65535)
     leaf_port: int = Field(default=DEFAULT_LEAF_PORT, ge=1, le=65535)
-    namespace: str = "default"
+    namespace: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Empty: derived from the namespace, so that any node of the namespace may join (exo's
+    # open default). Set it to keep other machines of the same namespace out.
+    cluster_secret: str = ""
+    # Where the NATS client and leafnode listeners bind: peers connect to both.
+    bind_host: str = "0.0.0.0"
+    # "host:port,..." of peers' NATS client ports, for networks without multicast.
+    peers: str = ""
+    mdns: bool = True
+    # Election rank: a higher priority wins, then the node that started first.
+    priority: int = 0
     place_default_model: bool = True
     log_level: str = "INFO"
 
     @property
+    def nats_password(self) -> str:
+        """What every NATS connection and leaf link must present: a digest, never the secret."""
+        material = f"shoal-cluster:{self.namespace}:{self.cluster_secret}".encode()
+        return hashlib.sha256(material).hexdigest()
+
+    @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.nats_port}"
+        return self.nats_url_for("127.0.0.1", self.nats_port)
+
+    def nats_url_for(self, host: str, port: int) -> str:
+        return f"nats://{NATS_USER}:{self.nats_password}@{host}:{port}"
 
     @property
     def nats_store_dir(self) -> Path:
@@ -57,6 +78,11 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, str]] = {
     "nats_port": "SHOAL_NATS_PORT",
     "leaf_port": "SHOAL_LEAF_PORT",
     "namespace": "SHOAL_NAMESPACE",
+    "cluster_secret": "SHOAL_CLUSTER_SECRET",
+    "bind_host": "SHOAL_BIND_HOST",
+    "peers": "SHOAL_PEERS",
+    "mdns": "SHOAL_MDNS",
+    "priority": "SHOAL_PRIORITY",
     "place_default_model": "SHOAL_PLACE_DEFAULT_MODEL",
     "log_level": "SHOAL_LOG_LEVEL",
 }

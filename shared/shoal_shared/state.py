@@ -27,6 +27,8 @@ class State(FrozenModel):
     last_index: int = -1
     term: int = 0
     master_node_id: NodeId | None = None
+    # Nodes the master's election sees alive; `nodes` holds those that reported telemetry.
+    members: frozenset[NodeId] = frozenset()
     nodes: dict[NodeId, NodeInfo] = Field(default_factory=dict)
     instances: dict[InstanceId, Instance] = Field(default_factory=dict)
     runners: dict[RunnerId, RunnerInfo] = Field(default_factory=dict)

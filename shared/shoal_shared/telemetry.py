@@ -17,3 +17,5 @@ class NodeTelemetry(FrozenModel):
     cpu_cores: int = Field(ge=1)
     memory_total_bytes: int = Field(ge=0)
     memory_available_bytes: int = Field(ge=0)
+    # IPv4 addresses other nodes can reach this one at (for the runners' ring connections).
+    addresses: tuple[str, ...] = ()

@@ -12,7 +12,7 @@ from shoal_shared.settings import SettingsError, resolve_settings, settings_envi
 def test_defaults(tmp_path: Path) -> None:
     settings = resolve_settings({"home": tmp_path}, environment={})
     assert settings.api_port == 52415
-    assert settings.nats_url == "nats://127.0.0.1:52416"
+    assert settings.nats_url.endswith("@127.0.0.1:52416")
     assert settings.place_default_model
 
 
