@@ -13,13 +13,29 @@ from typing import Final, final
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 from pydantic import TypeAdapter, ValidationError
 from shoal_shared import subjects
 from shoal_shared.apply import apply
 from shoal_shared.bus import Bus
-from shoal_shared.commands import Command, CommandRejected, CommandReply, PlaceInstance
-from shoal_shared.events import Event, IndexedEvent, LocalEnvelope, LocalOrigin
+from shoal_shared.commands import (
+    Command,
+    CommandRejected,
+    CommandReply,
+    DeleteInstance,
+    PlaceInstance,
+)
+from shoal_shared.events import (
+    Event,
+    IndexedEvent,
+    LocalEnvelope,
+    LocalOrigin,
+    NodeDiscovered,
+    NodeLost,
+)
 from shoal_shared.frozen import FrozenModel
 from shoal_shared.ids import (
     CommandId,
@@ -29,10 +45,11 @@ from shoal_shared.ids import (
     new_instance_id,
     new_runner_id,
 )
+from shoal_shared.instances import Instance
 from shoal_shared.model_card import ModelCard
 from shoal_shared.state import State
 
-from shoal_master.decisions import FreshIds, decide
+from shoal_master.decisions import FreshIds, decide, instances_touching
 from shoal_master.log_store import SNAPSHOT_INTERVAL, GlobalLogStore
 
 logger = logging.getLogger(__name__)
@@ -40,6 +57,7 @@ logger = logging.getLogger(__name__)
 COMMAND: Final[TypeAdapter[Command]] = TypeAdapter(Command)
 REMEMBERED_REPLIES: Final = 4096
 MAX_RUNNERS_PER_INSTANCE: Final = 64
+CONSUMER_REFRESH_SECONDS: Final = 1.0
 
 
 class LocalArrival(FrozenModel):
@@ -90,8 +108,7 @@ class ActiveMaster:
         # A snapshot opens every term: readers start there instead of replaying history.
         await self._store.snapshot(self.term, self._state.model_copy(update={"term": self.term}))
         self._state = self._state.model_copy(update={"term": self.term})
-        for node_id in {self._node_id, *self._state.nodes}:
-            await self._consume_local_events(node_id)
+        await self._refresh_local_consumers(rejoined=None)
         self._command_subscription = await self._bus.subscribe(
             subjects.COMMANDS, self._on_command, queue="shoal-masters"
         )
@@ -127,15 +144,19 @@ class ActiveMaster:
             )
 
         js = self._bus.jetstream(domain=node_id)
-        self._local_subscriptions[node_id] = await js.subscribe(
-            subjects.local_events(node_id),
-            stream=subjects.LOCAL_EVENTS_STREAM,
-            ordered_consumer=True,
-            cb=on_message,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            ),
-        )
+        try:
+            self._local_subscriptions[node_id] = await js.subscribe(
+                subjects.local_events(node_id),
+                stream=subjects.LOCAL_EVENTS_STREAM,
+                ordered_consumer=True,
+                cb=on_message,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+                ),
+            )
+        except (NatsTimeoutError, NoRespondersError, NotFoundError, ServiceUnavailableError):
+            # Not reachable yet (its leaf link is still coming up): the next refresh retries.
+            logger.debug("local stream of %s not reachable yet", node_id)
 
     async def _on_command(self, message: Msg) -> None:
         try:
@@ -151,7 +172,11 @@ class ActiveMaster:
     async def _work(self) -> None:
         await self._place_default_model()
         while True:
-            arrival = await self._inbox.get()
+            try:
+                arrival = await asyncio.wait_for(self._inbox.get(), CONSUMER_REFRESH_SECONDS)
+            except TimeoutError:
+                await self._refresh_local_consumers(rejoined=None)
+                continue
             if isinstance(arrival, LocalArrival):
                 await self._index_local(arrival)
             else:
@@ -163,9 +188,43 @@ class ActiveMaster:
         if arrival.sequence <= self._state.local_sequences.get(arrival.node_id, 0):
             return  # indexed already, by this master or an earlier one
         origin = LocalOrigin(node_id=arrival.node_id, sequence=arrival.sequence)
-        await self._append(arrival.envelope.event, origin)
-        for node_id in self._state.nodes:
+        before = self._state
+        event = arrival.envelope.event
+        await self._append(event, origin)
+        match event:
+            case NodeLost():
+                await self._place_again(instances_touching(before, event.node_id))
+                await self._refresh_local_consumers(rejoined=None)
+            case NodeDiscovered():
+                await self._refresh_local_consumers(rejoined=event.node_id)
+            case _:
+                await self._refresh_local_consumers(rejoined=None)
+
+    async def _refresh_local_consumers(self, rejoined: NodeId | None) -> None:
+        """Index the local stream of every live node; a node that comes back gets a fresh
+        consumer, since one left on an unreachable domain may be dead."""
+        wanted = {self._node_id, *self._state.members, *self._state.nodes}
+        for node_id in [*self._local_subscriptions]:
+            if node_id not in wanted or node_id == rejoined:
+                subscription = self._local_subscriptions.pop(node_id)
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
+        for node_id in wanted:
             await self._consume_local_events(node_id)
+
+    async def _place_again(self, instances: tuple[Instance, ...]) -> None:
+        for instance in instances:
+            await self._handle(
+                DeleteInstance(command_id=new_command_id(), instance_id=instance.instance_id)
+            )
+            reply = await self._handle(
+                PlaceInstance(
+                    command_id=new_command_id(),
+                    model_id=instance.model_id,
+                    sharding=instance.sharding,
+                )
+            )
+            logger.info("placed %s again after a node loss: %s", instance.model_id, reply)
 
     async def _handle(self, command: Command) -> CommandReply:
         remembered = self._replies.get(command.command_id)

@@ -25,12 +25,13 @@ from shoal_shared.events import (
     TaskCreated,
 )
 from shoal_shared.frozen import FrozenModel
-from shoal_shared.ids import InstanceId, ModelId, RunnerId
+from shoal_shared.ids import InstanceId, ModelId, NodeId, RunnerId
+from shoal_shared.instances import Instance
 from shoal_shared.model_card import ModelCard
 from shoal_shared.runner_status import accepts_tasks
 from shoal_shared.state import State
 
-from shoal_master.placement import Layout, choose_layout, instance_from_layout
+from shoal_master.placement import Layout, choose_layout, instance_from_layout, ring_addresses
 
 
 class Decision(FrozenModel):
@@ -85,7 +86,10 @@ def decide(
                 return _rejected(
                     command, "invalid", f"cannot place {card.model_id}: {layout.reason}"
                 )
-            instance = instance_from_layout(layout, card, fresh.instance_id, fresh.runner_ids)
+            addresses = ring_addresses(layout, state.nodes, state.instances.values())
+            instance = instance_from_layout(
+                layout, card, fresh.instance_id, fresh.runner_ids, addresses
+            )
             return _accepted(command, [InstanceCreated(instance=instance)], instance.instance_id)
         case DeleteInstance():
             if command.instance_id not in state.instances:
@@ -109,3 +113,12 @@ def decide(
             return _accepted(command, [TaskCancelRequested(task_id=command.task_id)])
         case _:
             assert_never(command)
+
+
+def instances_touching(state: State, node_id: NodeId) -> tuple[Instance, ...]:
+    """Instances with a shard on the node: they cannot run without it and are placed again."""
+    return tuple(
+        instance
+        for instance in state.instances.values()
+        if any(shard.node_id == node_id for shard in instance.shards)
+    )

@@ -5,7 +5,7 @@ layer per node); tensor parallel gives every node every layer and a 1/n slice of
 the architecture can shard and the head counts divide by n.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
 from shoal_shared.frozen import FrozenModel
@@ -16,6 +16,8 @@ from shoal_shared.state import NodeInfo
 
 # Leave room for the KV cache, activations and the rest of the machine.
 MEMORY_HEADROOM_FRACTION: Final = 0.1
+# Runners of a multi-node instance listen for their ring neighbours from this port up.
+RING_PORT_BASE: Final = 52500
 
 
 class Layout(FrozenModel):
@@ -148,11 +150,36 @@ def previews(card: ModelCard, nodes: Mapping[NodeId, NodeInfo]) -> tuple[Layout 
     )
 
 
+def ring_addresses(
+    layout: Layout, nodes: Mapping[NodeId, NodeInfo], instances: Iterable[Instance]
+) -> tuple[str | None, ...]:
+    """One "ip:port" per rank for a multi-node ring, avoiding ports that live instances use on
+    the same address (nodes on one host, as in tests, share an address)."""
+    if len(layout.node_ids) == 1:
+        return (None,)
+    taken = {
+        shard.ring_address
+        for instance in instances
+        for shard in instance.shards
+        if shard.ring_address is not None
+    }
+    addresses: list[str | None] = []
+    for node_id in layout.node_ids:
+        host = next(iter(nodes[node_id].telemetry.addresses), "127.0.0.1")
+        port = RING_PORT_BASE
+        while f"{host}:{port}" in taken:
+            port += 1
+        taken.add(f"{host}:{port}")
+        addresses.append(f"{host}:{port}")
+    return tuple(addresses)
+
+
 def instance_from_layout(
     layout: Layout,
     card: ModelCard,
     instance_id: InstanceId,
     runner_ids: Sequence[RunnerId],
+    addresses: Sequence[str | None],
 ) -> Instance:
     shards = tuple(
         ShardAssignment(
@@ -161,9 +188,10 @@ def instance_from_layout(
             rank=rank,
             start_layer=start,
             end_layer=end,
+            ring_address=address,
         )
-        for rank, (node_id, (start, end), runner_id) in enumerate(
-            zip(layout.node_ids, layout.layer_ranges, runner_ids, strict=False)
+        for rank, (node_id, (start, end), runner_id, address) in enumerate(
+            zip(layout.node_ids, layout.layer_ranges, runner_ids, addresses, strict=False)
         )
     )
     return Instance(

@@ -71,6 +71,7 @@ class SupervisedRunner:
         self._cancelled: set[TaskId] = set()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._last_status: RunnerStatus | None = None
 
     @property
     def view(self) -> LocalRunner:
@@ -123,7 +124,13 @@ class SupervisedRunner:
             await self._fail_task(task_id, "the instance was shut down")
         self._report(RunnerShutDown())
 
+    def reannounce(self) -> None:
+        """A new master's term: say again where this runner stands."""
+        if self._last_status is not None:
+            self._report(self._last_status)
+
     def _report(self, status: RunnerStatus) -> None:
+        self._last_status = status
         self._events.emit(
             RunnerStatusChanged(
                 runner_id=self.shard.runner_id,

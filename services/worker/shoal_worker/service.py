@@ -28,6 +28,14 @@ TELEMETRY_INTERVAL_SECONDS: Final = 5.0
 TELEMETRY_HEARTBEAT_SECONDS: Final = 60.0
 
 
+def peers_beyond_loopback(settings: NodeSettings) -> bool:
+    """Whether ring peers reach this node over a LAN; all-loopback `--peers` means one host."""
+    hosts = [peer.rsplit(":", 1)[0] for peer in settings.peers.split(",") if peer.strip()]
+    return not hosts or any(
+        host not in ("localhost", "::1") and not host.startswith("127.") for host in hosts
+    )
+
+
 @final
 class Worker:
     def __init__(
@@ -46,6 +54,8 @@ class Worker:
         self._runners: dict[RunnerId, SupervisedRunner] = {}
         self._dirty = asyncio.Event()
         self._model_lock = asyncio.Lock()
+        self._announced_term = 0
+        self._telemetry_due = asyncio.Event()
 
     async def run(self) -> None:
         self._follower.add_listener(self._on_state_change)
@@ -58,7 +68,14 @@ class Worker:
             for runner in list(self._runners.values()):
                 await runner.stop()
 
-    def _on_state_change(self, _state: State, _event: IndexedEvent | None) -> None:
+    def _on_state_change(self, state: State, _event: IndexedEvent | None) -> None:
+        if state.term != self._announced_term:
+            # A new master (or a new term of this one): re-announce telemetry and runners,
+            # so that its state is current even if it missed something while it took over.
+            self._announced_term = state.term
+            self._telemetry_due.set()
+            for runner in self._runners.values():
+                runner.reannounce()
         self._dirty.set()
 
     async def _report_telemetry(self) -> None:
@@ -66,12 +83,14 @@ class Worker:
         reported: NodeTelemetry | None = None
         reported_at = 0.0
         while True:
-            current = await asyncio.to_thread(read_telemetry)
+            current = await asyncio.to_thread(read_telemetry, peers_beyond_loopback(self._settings))
             stale = loop.time() - reported_at > TELEMETRY_HEARTBEAT_SECONDS
-            if stale or worth_reporting(reported, current):
+            if stale or self._telemetry_due.is_set() or worth_reporting(reported, current):
+                self._telemetry_due.clear()
                 self._events.emit(NodeTelemetryUpdated(node_id=self._node_id, telemetry=current))
                 reported, reported_at = current, loop.time()
-            await asyncio.sleep(TELEMETRY_INTERVAL_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._telemetry_due.wait(), TELEMETRY_INTERVAL_SECONDS)
 
     async def _reconcile_forever(self) -> None:
         while True:

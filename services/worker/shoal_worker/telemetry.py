@@ -41,7 +41,18 @@ def inference_backend() -> Backend:
     return "cpu"
 
 
-def read_telemetry() -> NodeTelemetry:
+def reachable_addresses(prefer_lan: bool) -> tuple[str, ...]:
+    """IPv4 addresses peers can use for ring connections: LAN ones first, loopback last."""
+    lan: list[str] = []
+    loopback: list[str] = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET:
+                (loopback if address.address.startswith("127.") else lan).append(address.address)
+    return tuple(lan + loopback) if prefer_lan else tuple(loopback + lan)
+
+
+def read_telemetry(prefer_lan: bool = True) -> NodeTelemetry:
     memory = psutil.virtual_memory()
     return NodeTelemetry(
         hostname=socket.gethostname(),
@@ -51,6 +62,7 @@ def read_telemetry() -> NodeTelemetry:
         cpu_cores=psutil.cpu_count(logical=True) or 1,
         memory_total_bytes=memory.total,
         memory_available_bytes=memory.available,
+        addresses=reachable_addresses(prefer_lan),
     )
 
 

@@ -1,0 +1,445 @@
+"""Discovery: adverts and their parsing, static peers, and real mDNS between "hosts".
+
+The network tests run each node in its own network namespace (tests/netns.py), so mDNS never
+leaves the machine. Where namespaces cannot be created they fall back to zeroconf bound to
+127.0.0.1 and say so in the test output.
+"""
+
+import json
+import queue
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, Final, final
+
+import pytest
+from pydantic import ValidationError
+from shoal_shared.ids import NodeId
+from zeroconf import ServiceInfo
+
+from shoal_election.discovery import (
+    PROTOCOL_VERSION,
+    SERVICE_TYPE,
+    PeerAdvert,
+    advert_from_service_info,
+    advert_service_info,
+    local_ipv4_addresses,
+    parse_static_peers,
+)
+from tests.netns import Hosts, NetworkNamespaces, namespaces_available
+
+FIND_WITHIN_SECONDS: Final = 5.0
+HOST_COUNT: Final = 4
+
+# One node: advertises, prints {"ready": seconds} once registered, then {"peer": ..., "after":
+# seconds since start} per report, and stops cleanly when its stdin closes.
+NODE_SCRIPT: Final = """
+import asyncio, json, sys, time
+from shoal_shared.ids import NodeId
+from zeroconf import InterfaceChoice
+from shoal_election.discovery import Discovery, PeerAdvert, local_ipv4_addresses
+
+async def main():
+    node_id, namespace, nats_port, loopback = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "loopback"
+    started = time.monotonic()
+    def on_peer(peer):
+        print(json.dumps({"peer": peer.model_dump(mode="json"), "after": time.monotonic() - started}), flush=True)
+    advert = PeerAdvert(
+        node_id=NodeId(node_id), namespace=namespace,
+        addresses=("127.0.0.1",) if loopback else local_ipv4_addresses(include_loopback=False),
+        nats_port=nats_port, leaf_port=nats_port + 1, api_port=nats_port + 2, protocol_version=1,
+    )
+    discovery = Discovery(advert, ["127.0.0.1"] if loopback else InterfaceChoice.All, on_peer)
+    await discovery.start()
+    print(json.dumps({"ready": time.monotonic() - started}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await discovery.stop()
+
+asyncio.run(main())
+"""
+
+# Raw registrations that other software or versions could make under our service type:
+# argv[3] is a JSON list of [instance label, {TXT key: value}] (value null = bare key). On each
+# stdin line it bumps the "nats" entry of the services that have one, then re-announces them.
+RAW_SCRIPT: Final = """
+import asyncio, json, sys
+from zeroconf import InterfaceChoice, IPVersion, ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
+
+async def main():
+    address, loopback, services = sys.argv[1], sys.argv[2] == "loopback", json.loads(sys.argv[3])
+    zeroconf = AsyncZeroconf(interfaces=["127.0.0.1"] if loopback else InterfaceChoice.All, ip_version=IPVersion.V4Only)
+    def info(label, properties):
+        encoded = {k.encode(): None if v is None else v.encode("utf-8", "surrogateescape") for k, v in properties.items()}
+        return ServiceInfo("_shoal._tcp.local.", f"{label}._shoal._tcp.local.", port=4222,
+                           properties=encoded, server=f"{label}.local.", parsed_addresses=[address])
+    infos = [info(label, properties) for label, properties in services]
+    for service in infos:
+        await zeroconf.async_register_service(service)
+    print(json.dumps({"ready": True}), flush=True)
+    loop = asyncio.get_running_loop()
+    while await loop.run_in_executor(None, sys.stdin.readline):
+        for (label, properties), service in zip(services, infos):
+            if "nats" in properties:
+                properties["nats"] = str(int(properties["nats"]) + 1)
+                new = info(label, properties)
+                await zeroconf.async_update_service(new)
+        print(json.dumps({"updated": True}), flush=True)
+    await zeroconf.async_close()
+
+asyncio.run(main())
+"""
+
+
+@final
+class NodeProcess:
+    """A script's process and the JSON lines it prints, read on a thread."""
+
+    def __init__(self, process: subprocess.Popen[str], label: str, log: Path) -> None:
+        self.process = process
+        self.label = label
+        self.log = log
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        assert process.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self.lines.put(json.loads(line))
+
+    def wait_until(self, done: Callable[[list[dict[str, Any]]], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done(self.seen):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.process.poll() is not None:
+                raise AssertionError(
+                    f"{self.label}: gave up after {timeout} s; saw {self.seen}; "
+                    f"exit {self.process.poll()}; stderr: {self.log.read_text()[-2000:]}"
+                )
+            try:
+                self.seen.append(self.lines.get(timeout=min(remaining, 0.1)))
+            except queue.Empty:
+                continue
+
+    def drain(self, seconds: float) -> None:
+        """Collect whatever else arrives in the next `seconds`."""
+        deadline = time.monotonic() + seconds
+        self.wait_until(lambda _: time.monotonic() >= deadline, seconds + 1)
+
+    def peers(self) -> list[PeerAdvert]:
+        return [
+            PeerAdvert.model_validate(line["peer"], strict=False)
+            for line in self.seen
+            if "peer" in line
+        ]
+
+    def ready_after(self) -> float:
+        self.wait_until(lambda seen: any("ready" in line for line in seen), FIND_WITHIN_SECONDS)
+        return next(float(line["ready"]) for line in self.seen if "ready" in line)
+
+    def stop(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(timeout=5)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+@final
+class Network:
+    """Where the scripts run: a namespace per node, or (fallback) all on 127.0.0.1."""
+
+    def __init__(self, hosts: Hosts | None, tmp_path: Path) -> None:
+        self.hosts = hosts
+        self.tmp_path = tmp_path
+        self.started: list[NodeProcess] = []
+
+    @property
+    def mode(self) -> str:
+        return "loopback" if self.hosts is None else "namespaces"
+
+    def address(self, index: int) -> str:
+        return "127.0.0.1" if self.hosts is None else self.hosts[index].address
+
+    def run(self, index: int, script: str, *arguments: str) -> NodeProcess:
+        log = self.tmp_path / f"host{index}-{len(self.started)}.err"
+        argv = [sys.executable, "-c", script, *arguments]
+        with log.open("w") as stderr:
+            options: dict[str, Any] = {
+                "stdin": subprocess.PIPE,
+                "stdout": subprocess.PIPE,
+                "stderr": stderr,
+                "text": True,
+            }
+            if self.hosts is None:
+                process: subprocess.Popen[str] = subprocess.Popen(argv, **options)
+            else:
+                process = self.hosts[index].popen(argv, **options)
+        node = NodeProcess(process, f"host {index}", log)
+        self.started.append(node)
+        return node
+
+    def node(self, index: int, node_id: str, namespace: str, nats_port: int = 4222) -> NodeProcess:
+        return self.run(index, NODE_SCRIPT, node_id, namespace, str(nats_port), self.mode)
+
+    def stop_all(self) -> None:
+        for node in self.started:
+            node.stop()
+        self.started.clear()
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[Hosts | None]:
+    if not namespaces_available():
+        yield None
+        return
+    with NetworkNamespaces.create(HOST_COUNT) as created:
+        yield created
+
+
+_told_fallback: list[bool] = []
+
+
+@pytest.fixture
+def network(
+    hosts: Hosts | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Network]:
+    if hosts is None and not _told_fallback:
+        _told_fallback.append(True)
+        with capsys.disabled():
+            print(
+                "\nNOTE: network namespaces unavailable (needs root and `ip netns`): "
+                "discovery tests run zeroconf on 127.0.0.1 only"
+            )
+    network = Network(hosts, tmp_path)
+    try:
+        yield network
+    finally:
+        network.stop_all()
+
+
+def unique(prefix: str) -> str:
+    # Fresh ids and Shoal namespaces per test keep tests (and parallel runs) from seeing each other.
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def peers_by_id(node: NodeProcess) -> dict[str, PeerAdvert]:
+    return {peer.node_id: peer for peer in node.peers()}
+
+
+def found_ids(expected: set[str]) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda seen: {line["peer"]["node_id"] for line in seen if "peer" in line} >= expected
+
+
+def test_two_nodes_find_each_other(network: Network) -> None:
+    namespace = unique("ns")
+    first_id, second_id = unique("node-a"), unique("node-b")
+    first = network.node(0, first_id, namespace, nats_port=4222)
+    first.ready_after()
+    second = network.node(1, second_id, namespace, nats_port=5222)
+    second.wait_until(found_ids({first_id}), FIND_WITHIN_SECONDS)
+    first.wait_until(found_ids({second_id}), FIND_WITHIN_SECONDS)
+    found_running = second.seen[-1]["after"]
+    print(f"[{network.mode}] a running node found after {found_running:.3f} s")
+    seen_by_first = peers_by_id(first)[second_id]
+    assert seen_by_first.addresses == (network.address(1),)
+    assert (seen_by_first.nats_port, seen_by_first.leaf_port, seen_by_first.api_port) == (
+        5222,
+        5223,
+        5224,
+    )
+    assert peers_by_id(second)[first_id].addresses == (network.address(0),)
+    # Each reported once (no duplicate reports of an unchanged advert), and never itself.
+    first.drain(0.5)
+    assert [peer.node_id for peer in first.peers()] == [second_id]
+    assert [peer.node_id for peer in second.peers()] == [first_id]
+
+
+def test_three_nodes_find_each_other_and_ignore_another_namespace(network: Network) -> None:
+    namespace, other_namespace = unique("ns"), unique("other")
+    ids = [unique(f"node{index}") for index in range(3)]
+    stranger_id = unique("stranger")
+    stranger = network.node(3, stranger_id, other_namespace)
+    nodes = [network.node(index, ids[index], namespace) for index in range(3)]
+    for index, node in enumerate(nodes):
+        others = set(ids) - {ids[index]}
+        node.wait_until(found_ids(others), FIND_WITHIN_SECONDS)
+        assert set(peers_by_id(node)) == others
+    stranger.ready_after()
+    stranger.drain(0.5)
+    assert stranger.peers() == []
+    assert all(stranger_id not in peers_by_id(node) for node in nodes)
+
+
+def test_foreign_and_malformed_services_are_skipped_and_changes_reported(
+    network: Network,
+) -> None:
+    namespace = unique("ns")
+    observer_id, valid_id = unique("observer"), unique("valid")
+
+    def txt(node_id: str, **overrides: str | None) -> dict[str, str | None]:
+        properties: dict[str, str | None] = {
+            "id": node_id,
+            "ns": namespace,
+            "nats": "4222",
+            "leaf": "7422",
+            "api": "8000",
+            "pv": str(PROTOCOL_VERSION),
+        }
+        properties.update(overrides)
+        return {key: value for key, value in properties.items() if value is not None}
+
+    raw_services = [
+        ["bad-port", txt(unique("bad-port"), leaf="not-a-port")],
+        ["bad-range", txt(unique("bad-range"), api="70000")],
+        ["no-ns", txt(unique("no-ns"), ns=None)],
+        ["bad-id", txt("has.dots.in.it")],
+        ["bad-utf8", txt(unique("bad-utf8"), ns="\udcff\udcfe")],
+        ["newer-protocol", txt(unique("newer"), pv=str(PROTOCOL_VERSION + 1))],
+        ["pretends-to-be-observer", txt(observer_id)],
+        ["valid", txt(valid_id)],
+    ]
+    raw = network.run(0, RAW_SCRIPT, network.address(0), network.mode, json.dumps(raw_services))
+    raw.ready_after()
+    observer = network.node(1, observer_id, namespace)
+    observer.wait_until(found_ids({valid_id}), FIND_WITHIN_SECONDS)
+    observer.drain(1.0)
+    assert [peer.node_id for peer in observer.peers()] == [valid_id]
+    assert observer.process.poll() is None
+
+    # An update of the valid service's port is reported again; the malformed ones still not.
+    assert raw.process.stdin is not None
+    raw.process.stdin.write("update\n")
+    raw.process.stdin.flush()
+    observer.wait_until(lambda seen: len([line for line in seen if "peer" in line]) == 2, 5)
+    ports = [peer.nats_port for peer in observer.peers()]
+    assert ports == [4222, 4223]
+    assert {peer.node_id for peer in observer.peers()} == {valid_id}
+
+
+def test_advert_round_trips_through_service_info() -> None:
+    advert = PeerAdvert(
+        node_id=NodeId("node-1"),
+        namespace="home lab",
+        addresses=("10.0.0.2", "192.168.1.5"),
+        nats_port=52416,
+        leaf_port=52417,
+        api_port=52415,
+        protocol_version=PROTOCOL_VERSION,
+    )
+    info = advert_service_info(advert)
+    assert info.type == SERVICE_TYPE
+    assert set(info.properties) == {b"id", b"ns", b"nats", b"leaf", b"api", b"pv"}
+    assert advert_from_service_info(info) == advert
+
+
+def test_very_long_node_id_still_fits_one_dns_label() -> None:
+    node_id = NodeId("n" * 64)
+    advert = PeerAdvert(
+        node_id=node_id,
+        namespace="default",
+        addresses=("10.0.0.2",),
+        nats_port=1,
+        leaf_port=2,
+        api_port=3,
+        protocol_version=1,
+    )
+    info = advert_service_info(advert)
+    assert len(info.name.removesuffix("." + SERVICE_TYPE)) <= 63
+    assert advert_from_service_info(info) == advert
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {},
+        {b"id": b"node-1"},
+        {b"id": b"node-1", b"ns": b"n", b"nats": b"1", b"leaf": b"2", b"api": b"3", b"pv": None},
+        {b"id": b"\xff", b"ns": b"n", b"nats": b"1", b"leaf": b"2", b"api": b"3", b"pv": b"1"},
+        {b"id": b"node-1", b"ns": b"", b"nats": b"1", b"leaf": b"2", b"api": b"3", b"pv": b"1"},
+        {b"id": b"node-1", b"ns": b"n", b"nats": b"0", b"leaf": b"2", b"api": b"3", b"pv": b"1"},
+        {b"id": b"node-1", b"ns": b"n", b"nats": b"1", b"leaf": b"2", b"api": b"3", b"pv": b"x"},
+    ],
+)
+def test_malformed_txt_records_parse_to_none(properties: dict[bytes, bytes | None]) -> None:
+    info = ServiceInfo(
+        SERVICE_TYPE,
+        f"x.{SERVICE_TYPE}",
+        port=1,
+        properties=properties,
+        parsed_addresses=["10.0.0.2"],
+    )
+    assert advert_from_service_info(info) is None
+
+
+def test_service_without_ipv4_address_parses_to_none() -> None:
+    properties = {"id": "node-1", "ns": "n", "nats": "1", "leaf": "2", "api": "3", "pv": "1"}
+    info = ServiceInfo(SERVICE_TYPE, f"x.{SERVICE_TYPE}", port=1, properties=properties)
+    assert advert_from_service_info(info) is None
+
+
+def test_advert_validation() -> None:
+    valid: dict[str, Any] = {
+        "node_id": "node-1",
+        "namespace": "default",
+        "addresses": ("10.0.0.2",),
+        "nats_port": 1,
+        "leaf_port": 2,
+        "api_port": 3,
+        "protocol_version": 1,
+    }
+    PeerAdvert.model_validate(valid)
+    for field, bad in [
+        ("node_id", "a.b"),
+        ("addresses", ("fe80::1",)),
+        ("addresses", ()),
+        ("nats_port", 0),
+        ("namespace", ""),
+    ]:
+        with pytest.raises(ValidationError):
+            PeerAdvert.model_validate({**valid, field: bad})
+
+
+def test_local_ipv4_addresses() -> None:
+    with_loopback = local_ipv4_addresses(include_loopback=True)
+    without_loopback = local_ipv4_addresses(include_loopback=False)
+    assert "127.0.0.1" in with_loopback
+    assert not any(address.startswith("127.") for address in without_loopback)
+    assert set(without_loopback) <= set(with_loopback)
+
+
+def test_parse_static_peers() -> None:
+    assert parse_static_peers("") == ()
+    assert parse_static_peers(" 10.0.0.2:52416, host.local:4222 ,10.0.0.2:52416") == (
+        ("10.0.0.2", 52416),
+        ("host.local", 4222),
+    )
+    assert parse_static_peers("[fe80::1]:4222") == (("fe80::1", 4222),)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("10.0.0.2", "not host:port"),
+        ("10.0.0.2:52416,,10.0.0.3:52416", "peer 2"),
+        (":52416", "has no host"),
+        ("10.0.0.2:http", "expected a number from 1 to 65535"),
+        ("10.0.0.2:0", "expected a number from 1 to 65535"),
+        ("10.0.0.2:65536", "expected a number from 1 to 65535"),
+        ("10.0.0.2:-1", "expected a number from 1 to 65535"),
+    ],
+)
+def test_parse_static_peers_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_static_peers(text)
