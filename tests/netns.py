@@ -35,6 +35,7 @@ HOST_INTERFACE: Final = "shoal0"
 BRIDGE: Final = "bridge0"
 SUBNET_PREFIX: Final = "10.77"
 MULTICAST_NETWORK: Final = "224.0.0.0/4"
+FORCE_NO_NAMESPACES_VARIABLE: Final = "SHOAL_TEST_NO_NETNS"
 _IP_TIMEOUT_SECONDS: Final = 10.0
 
 
@@ -88,7 +89,12 @@ def sweep_leftovers() -> None:
 
 @functools.cache
 def namespaces_available() -> bool:
-    """Whether this process may create network namespaces (root and a working `ip netns`)."""
+    """Whether this process may create network namespaces (root and a working `ip netns`).
+
+    `SHOAL_TEST_NO_NETNS=1` answers False, to exercise the tests' loopback fallback.
+    """
+    if os.environ.get(FORCE_NO_NAMESPACES_VARIABLE) == "1":
+        return False
     if os.geteuid() != 0 or shutil.which("ip") is None:
         return False
     probe = f"{NAME_PREFIX}{os.getpid()}-probe-{secrets.token_hex(3)}"

@@ -15,7 +15,7 @@ from shoal_shared.ids import TaskId
 
 CHUNK: Final[TypeAdapter[Chunk]] = TypeAdapter(Chunk)
 
-ChunkProblem = Literal["gap", "timeout", "malformed", "aborted"]
+ChunkProblem = Literal["gap", "timeout", "malformed", "aborted", "lost"]
 
 
 @final
@@ -53,9 +53,9 @@ class ChunkReceiver:
         """The bus callback: never blocks (the queue is unbounded)."""
         self._queue.put_nowait(payload)
 
-    def abort(self, message: str) -> None:
+    def abort(self, message: str, problem: ChunkProblem = "aborted") -> None:
         """End the stream: the waiting (or next) `next_chunk` raises instead of waiting."""
-        self._queue.put_nowait(ChunkStreamError("aborted", message))
+        self._queue.put_nowait(ChunkStreamError(problem, message))
 
     async def next_chunk(self) -> Chunk:
         try:

@@ -6,16 +6,18 @@ sampling parameters, calls `start_chat`, then renders `ChatSession.chunks()` in 
 order and cancellation lives here once.
 """
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal, final
+from typing import Final, Literal, final
 
 from shoal_shared.chunks import ErrorChunk, TokenChunk, Usage
 from shoal_shared.commands import CancelTask, CommandRejected, SubmitTask
 from shoal_shared.frozen import FrozenModel
 from shoal_shared.ids import ModelId, new_command_id, new_task_id
 from shoal_shared.model_card import ModelCard
+from shoal_shared.state import State
 from shoal_shared.tasks import ChatMessage, ChatTask, SamplingParameters
 
 from shoal_api.chunk_stream import ChunkReceiver, ChunkStreamError
@@ -60,8 +62,15 @@ def stream_failure(error: ChunkStreamError) -> ApiError:
             return server_error(error.message, code="timeout", status=504)
         case "aborted":
             return unavailable(error.message, code="shutting_down")
+        case "lost":
+            return server_error(error.message, code="task_lost", status=502)
         case "gap" | "malformed":
             return server_error(error.message, code=f"chunk_{error.problem}", status=502)
+
+
+# How long the final chunk may trail the log's word that a task ended.
+LOSS_GRACE_SECONDS: Final = 3.0
+LOSS_CHECK_SECONDS: Final = 30.0
 
 
 @final
@@ -84,10 +93,37 @@ class ChatSession:
         self._finished = False
         self._closed = False
         context.open_sessions.add(self)
+        self._watcher = asyncio.create_task(self._watch_for_loss(), name=f"watch-{task.task_id}")
 
     def abort(self, message: str) -> None:
         """End the session's chunk stream with an error (the API is stopping)."""
         self._receiver.abort(message)
+
+    async def _watch_for_loss(self) -> None:
+        """End the stream when the cluster drops the task without a final chunk reaching us:
+        e.g. the node of its rank-0 runner died, so no worker is left to report the end."""
+        task_id, instance_id = self.task.task_id, self.task.instance_id
+        seen = False
+
+        def vanished(state: State) -> bool:
+            nonlocal seen
+            if task_id in state.tasks:
+                seen = True
+                return False
+            return seen or instance_id not in state.instances
+
+        cluster = self._context.cluster
+        while not (self._finished or self._closed):
+            if await cluster.wait_for_state(vanished, timeout=LOSS_CHECK_SECONDS):
+                # The final chunk normally lands before the log says the task ended.
+                await asyncio.sleep(LOSS_GRACE_SECONDS)
+                if not (self._finished or self._closed):
+                    self._receiver.abort(
+                        f"task {task_id} ended without its final chunk: the instance or a "
+                        "node running it was lost",
+                        problem="lost",
+                    )
+                return
 
     async def chunks(self) -> AsyncIterator[TokenChunk | Finished]:
         """Token chunks, then `Finished`; raises ApiError when the task fails, is cancelled
@@ -120,6 +156,7 @@ class ChatSession:
         if self._closed:
             return
         self._closed = True
+        self._watcher.cancel()
         self._context.open_sessions.discard(self)
         cancel = cancel_unfinished and not self._finished
         self._context.background.spawn(

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from typing import Self, final
 
 from pydantic import Field, model_validator
+from shoal_shared.frozen import FrozenModel
+from shoal_shared.ids import NodeId
 
 from shoal_election.bully_messages import (
     Candidate,
@@ -43,8 +45,6 @@ from shoal_election.bully_messages import (
     last_claimed_term,
     outranks,
 )
-from shoal_shared.frozen import FrozenModel
-from shoal_shared.ids import NodeId
 
 
 class ElectionTiming(FrozenModel):
@@ -275,7 +275,7 @@ class BullyElection:
         if (
             self._master == self._me.node_id
             and outranks(self._me, sender)
-
+            and rival_term > self._claims_known_when_elected.get(sender.node_id, -1)
             and self._highest_live()
         ):
             self._become_master(now)

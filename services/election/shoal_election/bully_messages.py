@@ -11,7 +11,6 @@ live peer and can decide alone whether it is the one that must stand.
 from typing import Annotated, Final, Literal
 
 from pydantic import Field, TypeAdapter
-
 from shoal_shared.frozen import FrozenModel
 from shoal_shared.ids import NodeId
 

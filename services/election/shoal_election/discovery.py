@@ -31,6 +31,7 @@ SERVICE_TYPE: Final = "_shoal._tcp.local."
 PROTOCOL_VERSION: Final = 1
 # How long one peer's records may take to arrive after its PTR record did.
 RESOLVE_TIMEOUT_MILLISECONDS: Final = 3000
+RESOLVE_RETRY_DELAYS_SECONDS: Final = (1.0, 2.0, 4.0, 8.0)
 # A DNS label (the service instance name) is at most 63 bytes.
 _MAX_LABEL_BYTES: Final = 63
 
@@ -305,33 +306,47 @@ class Discovery:
 
     async def _resolve(self, name: str) -> None:
         try:
+            attempt = 0
             while True:
                 self._resolve_again.discard(name)
-                await self._resolve_once(name)
-                if name not in self._resolve_again:
+                if await self._resolve_once(name):
+                    attempt = 0
+                    if name not in self._resolve_again:
+                        return
+                    continue
+                # The browser will not hear of this service again until its PTR record is
+                # refreshed (an hour), so unanswered questions are asked again a few times.
+                if name in self._resolve_again:
+                    continue
+                if attempt >= len(RESOLVE_RETRY_DELAYS_SECONDS):
+                    logger.debug("giving up on service %s until it changes", name)
                     return
+                await asyncio.sleep(RESOLVE_RETRY_DELAYS_SECONDS[attempt])
+                attempt += 1
         finally:
             self._resolving.pop(name, None)
 
-    async def _resolve_once(self, name: str) -> None:
+    async def _resolve_once(self, name: str) -> bool:
+        """Resolve and report one service; False when it did not answer in time."""
         zeroconf = self._zeroconf
         if zeroconf is None:
-            return
+            return True
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if not await info.async_request(zeroconf.zeroconf, RESOLVE_TIMEOUT_MILLISECONDS):
             logger.debug("service %s did not resolve in time", name)
-            return
+            return False
         advert = advert_from_service_info(info)
         if advert is None or not self._accepts(advert):
-            return
+            return True
         if self._peers.get(advert.node_id) == advert:
-            return
+            return True
         self._peers[advert.node_id] = advert
         try:
             self._on_peer(advert)
         except Exception:
             # A faulty callback must not stop discovery of the other peers.
             logger.exception("on_peer failed for %s", advert.node_id)
+        return True
 
     def _accepts(self, advert: PeerAdvert) -> bool:
         if advert.node_id == self._advert.node_id:

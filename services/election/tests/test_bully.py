@@ -21,7 +21,6 @@ from typing import Final, final
 
 import pytest
 from pydantic import ValidationError
-
 from shoal_election.bully import (
     Broadcast,
     BullyElection,
@@ -52,6 +51,7 @@ A: Final = NodeId("node-a")
 B: Final = NodeId("node-b")
 C: Final = NodeId("node-c")
 D: Final = NodeId("node-d")
+MAX_CLAIMS: Final = 50
 
 
 def candidate(node_id: NodeId, priority: int = 0, seniority: float = 100.0) -> Candidate:
@@ -239,7 +239,9 @@ class Cluster:
                 case MasterChanged():
                     pass
 
-    def _transmit(self, sender: NodeId, receiver: NodeId, message: ElectionMessage, now: float):
+    def _transmit(
+        self, sender: NodeId, receiver: NodeId, message: ElectionMessage, now: float
+    ) -> None:
         if not self.connected(sender, receiver) or self.random.random() < self.loss:
             return
         delay = self.random.uniform(0.001, self.max_delay)
@@ -247,6 +249,8 @@ class Cluster:
         heapq.heappush(self.in_flight, delivery)
 
     def _record_claim(self, claim: Claim) -> None:
+        # Fail fast on a term storm instead of simulating it to the end.
+        assert len(self.claims) < MAX_CLAIMS, f"{len(self.claims)} elections: a term storm"
         for earlier in self.claims:
             if earlier.term != claim.term or earlier.node_id == claim.node_id:
                 continue
@@ -471,6 +475,16 @@ def test_a_new_highest_term_without_a_master_makes_the_master_stand_again() -> N
 # --- effects of one machine --------------------------------------------------------------------
 
 
+def heartbeat(sender: NodeId, term: int, master: NodeId | None) -> Heartbeat:
+    """A heartbeat as a running node sends it: a master's last claimed term is its own."""
+    return Heartbeat(
+        sender=candidate(sender),
+        term=term,
+        master_node_id=master,
+        last_claimed_term=term if master == sender else None,
+    )
+
+
 def test_terms_are_persisted_before_they_are_sent() -> None:
     machine = BullyElection(candidate(A), persisted_term=4, timing=TIMING)
     outputs = machine.handle(Tick(0.0)) + machine.handle(Tick(TIMING.startup_grace))
@@ -480,41 +494,22 @@ def test_terms_are_persisted_before_they_are_sent() -> None:
     assert outputs[persist + 1] == MasterChanged(A, 5)
     # Adopting a term from a peer persists it before the next heartbeat carries it.
     follower = BullyElection(candidate(D), persisted_term=0, timing=TIMING)
-    adopted = follower.handle(
-        Received(
-            Heartbeat(sender=candidate(B), term=7, master_node_id=B, last_claimed_term=None),
-            now=0.0,
-        )
-    )
+    adopted = follower.handle(Received(heartbeat(B, 7, B), now=0.0))
     assert adopted == (PersistTerm(7), PeerAlive(B), MasterChanged(B, 7))
-    assert follower.handle(Tick(0.0)) == (
-        Broadcast(Heartbeat(sender=candidate(D), term=7, master_node_id=B, last_claimed_term=None)),
-    )
+    assert follower.handle(Tick(0.0)) == (Broadcast(heartbeat(D, 7, B)),)
 
 
 def test_a_stale_message_proves_life_and_is_answered_with_the_current_view() -> None:
     machine = BullyElection(candidate(A), persisted_term=5, timing=TIMING)
-    outputs = machine.handle(
-        Received(
-            Heartbeat(sender=candidate(B), term=3, master_node_id=B, last_claimed_term=None),
-            now=0.0,
-        )
-    )
-    assert outputs == (
-        PeerAlive(B),
-        Send(
-            B, Heartbeat(sender=candidate(A), term=5, master_node_id=None, last_claimed_term=None)
-        ),
-    )
+    outputs = machine.handle(Received(heartbeat(B, 3, B), now=0.0))
+    assert outputs == (PeerAlive(B), Send(B, heartbeat(A, 5, None)))
     assert (machine.master, machine.term, machine.live_peers) == (None, 5, frozenset({B}))
 
 
 def test_silent_peers_die_after_the_timeout() -> None:
     machine = BullyElection(candidate(D), persisted_term=0, timing=TIMING)
     machine.handle(Received(Coordinator(sender=candidate(A), term=1), now=0.0))
-    assert machine.handle(Tick(TIMING.peer_timeout - 0.01)) == (
-        Broadcast(Heartbeat(sender=candidate(D), term=1, master_node_id=A, last_claimed_term=None)),
-    )
+    assert machine.handle(Tick(TIMING.peer_timeout - 0.01)) == (Broadcast(heartbeat(D, 1, A)),)
     # The master is gone and no live peer outranks D: it stands at once.
     assert machine.handle(Tick(TIMING.peer_timeout)) == (
         PersistTerm(2),
@@ -524,9 +519,37 @@ def test_silent_peers_die_after_the_timeout() -> None:
     )
 
 
+def master_of_term_two(node_id: NodeId) -> BullyElection:
+    machine = BullyElection(candidate(node_id), persisted_term=1, timing=TIMING)
+    machine.handle(Tick(0.0))
+    machine.handle(Tick(TIMING.startup_grace))
+    assert (machine.master, machine.term) == (node_id, 2)
+    return machine
+
+
+def test_two_masters_of_one_term_resolve_by_rank() -> None:
+    # Greater node id, equal priority and seniority: B outranks A.
+    higher, lower = master_of_term_two(B), master_of_term_two(A)
+    assert higher.handle(Received(heartbeat(A, 2, A), now=2.0)) == (
+        PersistTerm(3),
+        PeerAlive(A),
+        MasterChanged(B, 3),
+        Broadcast(Coordinator(sender=candidate(B), term=3)),
+    )
+    # The lower one steps down within the term; the new term reaches it next.
+    assert lower.handle(Received(heartbeat(B, 2, B), now=2.0)) == (
+        PeerAlive(B),
+        MasterChanged(B, 2),
+    )
+    assert lower.handle(Received(Coordinator(sender=candidate(B), term=3), now=2.1)) == (
+        PersistTerm(3),
+        MasterChanged(B, 3),
+    )
+
+
 def test_messages_round_trip_as_json() -> None:
     for message in (
-        Heartbeat(sender=candidate(A, 2, 1.5), term=3, master_node_id=None, last_claimed_term=None),
+        Heartbeat(sender=candidate(A, 2, 1.5), term=3, master_node_id=None, last_claimed_term=2),
         Coordinator(sender=candidate(B), term=1),
     ):
         assert ELECTION_MESSAGE_ADAPTER.validate_json(message.model_dump_json()) == message

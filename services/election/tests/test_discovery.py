@@ -18,9 +18,6 @@ from typing import IO, Any, Final, final
 
 import pytest
 from pydantic import ValidationError
-from shoal_shared.ids import NodeId
-from zeroconf import ServiceInfo
-
 from shoal_election.discovery import (
     PROTOCOL_VERSION,
     SERVICE_TYPE,
@@ -30,32 +27,49 @@ from shoal_election.discovery import (
     local_ipv4_addresses,
     parse_static_peers,
 )
-from tests.netns import Hosts, NetworkNamespaces, namespaces_available
+from shoal_shared.ids import NodeId
+from zeroconf import ServiceInfo
 
+from tests.netns import (
+    FORCE_NO_NAMESPACES_VARIABLE,
+    Hosts,
+    NetworkNamespaces,
+    namespaces_available,
+)
+
+# Discovery's own latency, measured inside the nodes from their Discovery.start().
 FIND_WITHIN_SECONDS: Final = 5.0
+# Wall-clock patience for processes: on a loaded two-core machine an interpreter importing
+# pydantic and zeroconf has been seen to take 4 s to start.
+WAIT_SECONDS: Final = 20.0
 HOST_COUNT: Final = 4
 
-# One node: advertises, prints {"ready": seconds} once registered, then {"peer": ..., "after":
-# seconds since start} per report, and stops cleanly when its stdin closes.
+# One node: prints {"started": t} just before Discovery.start(), {"ready": t} once registered,
+# {"peer": advert, "at": t} per report (t: time.time(), one clock for all processes), and stops
+# cleanly when its stdin closes.
 NODE_SCRIPT: Final = """
-import asyncio, json, sys, time
+import asyncio, json, logging, sys, time
 from shoal_shared.ids import NodeId
 from zeroconf import InterfaceChoice
 from shoal_election.discovery import Discovery, PeerAdvert, local_ipv4_addresses
 
+logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)d %(name)s %(message)s")
+logging.getLogger("zeroconf").setLevel(logging.WARNING)
+
 async def main():
-    node_id, namespace, nats_port, loopback = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "loopback"
-    started = time.monotonic()
+    node_id, namespace, nats_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    loopback = sys.argv[4] == "loopback"
     def on_peer(peer):
-        print(json.dumps({"peer": peer.model_dump(mode="json"), "after": time.monotonic() - started}), flush=True)
+        print(json.dumps({"peer": peer.model_dump(mode="json"), "at": time.time()}), flush=True)
     advert = PeerAdvert(
         node_id=NodeId(node_id), namespace=namespace,
         addresses=("127.0.0.1",) if loopback else local_ipv4_addresses(include_loopback=False),
         nats_port=nats_port, leaf_port=nats_port + 1, api_port=nats_port + 2, protocol_version=1,
     )
     discovery = Discovery(advert, ["127.0.0.1"] if loopback else InterfaceChoice.All, on_peer)
+    print(json.dumps({"started": time.time()}), flush=True)
     await discovery.start()
-    print(json.dumps({"ready": time.monotonic() - started}), flush=True)
+    print(json.dumps({"ready": time.time()}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     await discovery.stop()
 
@@ -72,23 +86,27 @@ from zeroconf.asyncio import AsyncZeroconf
 
 async def main():
     address, loopback, services = sys.argv[1], sys.argv[2] == "loopback", json.loads(sys.argv[3])
-    zeroconf = AsyncZeroconf(interfaces=["127.0.0.1"] if loopback else InterfaceChoice.All, ip_version=IPVersion.V4Only)
+    interfaces = ["127.0.0.1"] if loopback else InterfaceChoice.All
+    zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
     def info(label, properties):
-        encoded = {k.encode(): None if v is None else v.encode("utf-8", "surrogateescape") for k, v in properties.items()}
-        return ServiceInfo("_shoal._tcp.local.", f"{label}._shoal._tcp.local.", port=4222,
-                           properties=encoded, server=f"{label}.local.", parsed_addresses=[address])
+        encoded = {
+            key.encode(): None if value is None else value.encode("utf-8", "surrogateescape")
+            for key, value in properties.items()
+        }
+        return ServiceInfo(
+            "_shoal._tcp.local.", f"{label}._shoal._tcp.local.", port=4222, properties=encoded,
+            server=f"{label}.local.", parsed_addresses=[address],
+        )
     infos = [info(label, properties) for label, properties in services]
-    for service in infos:
-        await zeroconf.async_register_service(service)
+    # Concurrently: each registration probes for about a second.
+    await asyncio.gather(*(zeroconf.async_register_service(service) for service in infos))
     print(json.dumps({"ready": True}), flush=True)
     loop = asyncio.get_running_loop()
     while await loop.run_in_executor(None, sys.stdin.readline):
-        for (label, properties), service in zip(services, infos):
+        for label, properties in services:
             if "nats" in properties:
                 properties["nats"] = str(int(properties["nats"]) + 1)
-                new = info(label, properties)
-                await zeroconf.async_update_service(new)
-        print(json.dumps({"updated": True}), flush=True)
+                await zeroconf.async_update_service(info(label, properties))
     await zeroconf.async_close()
 
 asyncio.run(main())
@@ -139,13 +157,27 @@ class NodeProcess:
             if "peer" in line
         ]
 
-    def ready_after(self) -> float:
-        self.wait_until(lambda seen: any("ready" in line for line in seen), FIND_WITHIN_SECONDS)
-        return next(float(line["ready"]) for line in self.seen if "ready" in line)
+    def moment(self, key: str) -> float:
+        """When the node printed `key` ("started", "ready"), waiting for it if need be."""
+        self.wait_until(lambda seen: any(key in line for line in seen), WAIT_SECONDS)
+        return next(float(line[key]) for line in self.seen if key in line)
+
+    def found_at(self, node_id: str) -> float:
+        """When this node first reported `node_id`, waiting for it if need be."""
+        self.wait_until(found_ids({node_id}), WAIT_SECONDS)
+        return next(
+            float(line["at"])
+            for line in self.seen
+            if "peer" in line and line["peer"]["node_id"] == node_id
+        )
+
+    def request_stop(self) -> None:
+        assert self.process.stdin is not None
+        if not self.process.stdin.closed:
+            self.process.stdin.close()
 
     def stop(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
+        self.request_stop()
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -194,6 +226,9 @@ class Network:
         return self.run(index, NODE_SCRIPT, node_id, namespace, str(nats_port), self.mode)
 
     def stop_all(self) -> None:
+        # All at once: each spends a few hundred milliseconds sending goodbyes.
+        for node in self.started:
+            node.request_stop()
         for node in self.started:
             node.stop()
         self.started.clear()
@@ -219,7 +254,8 @@ def network(
         _told_fallback.append(True)
         with capsys.disabled():
             print(
-                "\nNOTE: network namespaces unavailable (needs root and `ip netns`): "
+                "\nNOTE: network namespaces unavailable (needs root and `ip netns`) or disabled by "
+                f"{FORCE_NO_NAMESPACES_VARIABLE}=1: "
                 "discovery tests run zeroconf on 127.0.0.1 only"
             )
     network = Network(hosts, tmp_path)
@@ -246,12 +282,17 @@ def test_two_nodes_find_each_other(network: Network) -> None:
     namespace = unique("ns")
     first_id, second_id = unique("node-a"), unique("node-b")
     first = network.node(0, first_id, namespace, nats_port=4222)
-    first.ready_after()
+    first.moment("ready")
     second = network.node(1, second_id, namespace, nats_port=5222)
-    second.wait_until(found_ids({first_id}), FIND_WITHIN_SECONDS)
-    first.wait_until(found_ids({second_id}), FIND_WITHIN_SECONDS)
-    found_running = second.seen[-1]["after"]
-    print(f"[{network.mode}] a running node found after {found_running:.3f} s")
+    second_started = second.moment("started")
+    running_found_after = second.found_at(first_id) - second_started
+    new_found_after = first.found_at(second_id) - second_started
+    print(
+        f"\n[{network.mode}] a running node found after {running_found_after:.3f} s, "
+        f"a new one after {new_found_after:.3f} s"
+    )
+    assert running_found_after < FIND_WITHIN_SECONDS
+    assert new_found_after < FIND_WITHIN_SECONDS
     seen_by_first = peers_by_id(first)[second_id]
     assert seen_by_first.addresses == (network.address(1),)
     assert (seen_by_first.nats_port, seen_by_first.leaf_port, seen_by_first.api_port) == (
@@ -273,10 +314,17 @@ def test_three_nodes_find_each_other_and_ignore_another_namespace(network: Netwo
     stranger = network.node(3, stranger_id, other_namespace)
     nodes = [network.node(index, ids[index], namespace) for index in range(3)]
     for index, node in enumerate(nodes):
-        others = set(ids) - {ids[index]}
-        node.wait_until(found_ids(others), FIND_WITHIN_SECONDS)
-        assert set(peers_by_id(node)) == others
-    stranger.ready_after()
+        for other_index, other in enumerate(nodes):
+            if other is node:
+                continue
+            both_started = max(node.moment("started"), other.moment("started"))
+            found_after = node.found_at(ids[other_index]) - both_started
+            print(
+                f"\n[{network.mode}] node {index} found node {other_index} in {found_after:.3f} s"
+            )
+            assert found_after < FIND_WITHIN_SECONDS
+        assert set(peers_by_id(node)) == set(ids) - {ids[index]}
+    stranger.moment("ready")
     stranger.drain(0.5)
     assert stranger.peers() == []
     assert all(stranger_id not in peers_by_id(node) for node in nodes)
@@ -311,9 +359,9 @@ def test_foreign_and_malformed_services_are_skipped_and_changes_reported(
         ["valid", txt(valid_id)],
     ]
     raw = network.run(0, RAW_SCRIPT, network.address(0), network.mode, json.dumps(raw_services))
-    raw.ready_after()
+    raw.moment("ready")
     observer = network.node(1, observer_id, namespace)
-    observer.wait_until(found_ids({valid_id}), FIND_WITHIN_SECONDS)
+    assert observer.found_at(valid_id) - observer.moment("started") < FIND_WITHIN_SECONDS
     observer.drain(1.0)
     assert [peer.node_id for peer in observer.peers()] == [valid_id]
     assert observer.process.poll() is None
@@ -322,7 +370,9 @@ def test_foreign_and_malformed_services_are_skipped_and_changes_reported(
     assert raw.process.stdin is not None
     raw.process.stdin.write("update\n")
     raw.process.stdin.flush()
-    observer.wait_until(lambda seen: len([line for line in seen if "peer" in line]) == 2, 5)
+    observer.wait_until(
+        lambda seen: len([line for line in seen if "peer" in line]) == 2, WAIT_SECONDS
+    )
     ports = [peer.nats_port for peer in observer.peers()]
     assert ports == [4222, 4223]
     assert {peer.node_id for peer in observer.peers()} == {valid_id}

@@ -5,6 +5,12 @@ so tests drive it in-process. Requests are queued FIFO and served one at a time 
 that calls `serve_forever`; `submit`, `cancel` and `request_shutdown` may come from any thread.
 Continuous batching of concurrent requests with mlx-lm's `BatchGenerator` is the planned next
 step; it will replace `_generate` without changing this class's interface.
+
+In a ring group (world_size > 1) every rank runs this engine on the same requests, and a
+`RingLockstep` keeps them in step (see `lockstep`): rank 0 decides cancellations, every rank
+emits the same tokens (the worker forwards rank 0's), and any failure is fatal to the runner
+(`GroupBrokenError` leaves `serve_forever`), because a rank that falls out of step would leave
+its peers waiting in a collective.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from shoal_shared.runner_status import (
 )
 from shoal_shared.tasks import ChatMessage
 
+from shoal_worker.runner.lockstep import GroupBrokenError, RingLockstep, StepConsensus
 from shoal_worker.runner.mlx_bindings import (
     LoadedModel,
     chat_prompt_tokens,
@@ -63,10 +70,15 @@ class LoadInterruptedError(Exception):
 @final
 class GenerationEngine:
     def __init__(
-        self, emit: RunnerMessageSink, *, max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP
+        self,
+        emit: RunnerMessageSink,
+        *,
+        max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP,
+        lockstep: RingLockstep | None = None,
     ) -> None:
         self._emit = emit
         self._max_tokens_cap = max_tokens_cap
+        self._lockstep = lockstep
         self._lock = threading.Lock()
         self._work_available = threading.Condition(self._lock)
         self._model: LoadedModel | None = None
@@ -77,9 +89,19 @@ class GenerationEngine:
         self._shutting_down = False
         self._last_status: RunnerStatus | None = None
 
-    def load(self, model_dir: Path) -> None:
-        """Load layer by layer (reporting progress), warm up, then report ready."""
-        loaded = load_lazily(model_dir)
+    def join_group(self, lockstep: RingLockstep) -> None:
+        """Run in step with the other ranks of a ring group; call before `load`."""
+        with self._lock:
+            if self._model is not None:
+                raise RuntimeError("a loaded engine cannot join a ring group")
+            self._lockstep = lockstep
+
+    def load(self, model_dir: Path, loader: Callable[[Path], LoadedModel] = load_lazily) -> None:
+        """Load layer by layer (reporting progress), warm up, then report ready.
+
+        `loader` builds the model lazily; a sharded one returns only this rank's layers.
+        """
+        loaded = loader(model_dir)
         layers_total = len(loaded.layers)
         self._set_status(RunnerLoading(layers_loaded=0, layers_total=layers_total))
         for layers_loaded, layer in enumerate(loaded.layers, start=1):
@@ -91,7 +113,12 @@ class GenerationEngine:
         materialize(loaded.model)
         self._set_status(RunnerLoaded())
         self._set_status(RunnerWarmingUp())
-        self._warm_up(loaded)
+        if self._lockstep is None:
+            self._warm_up(loaded, None)
+        else:
+            self._lockstep.wait_for_peers()
+            with self._lockstep.guard("warming up"):
+                self._warm_up(loaded, self._lockstep.step_consensus(lambda: False))
         with self._lock:
             self._model = loaded
             self._publish_activity_locked()
@@ -112,12 +139,19 @@ class GenerationEngine:
             self._work_available.notify()
 
     def cancel(self, task_id: TaskId) -> None:
-        """End a queued task at once, or the running one before its next token."""
+        """End a queued task at once, or the running one before its next token.
+
+        In a ring group a queued task stays queued, marked: it must reach `agree_on_task` on
+        every rank, where rank 0's mark skips it everywhere.
+        """
         with self._lock:
             if task_id == self._current_task_id:
                 self._cancelled.add(task_id)
                 return
             for queued in self._queue:
+                if queued.task_id == task_id and self._lockstep is not None:
+                    self._cancelled.add(task_id)
+                    return
                 if queued.task_id == task_id:
                     self._queue.remove(queued)
                     no_usage = Usage(prompt_tokens=0, completion_tokens=0)
@@ -133,14 +167,18 @@ class GenerationEngine:
             self._work_available.notify_all()
 
     def serve_forever(self) -> None:
-        """Serve queued requests until `request_shutdown`."""
-        while (request := self._next_request(wait=True)) is not None:
-            self._serve(request)
-        with self._lock:
-            abandoned = list(self._queue)
-            self._queue.clear()
-        for request in abandoned:
-            self._emit(TaskFailed(task_id=request.task_id, message="the runner is stopping"))
+        """Serve queued requests until `request_shutdown` (or a GroupBrokenError)."""
+        try:
+            while (request := self._next_request(wait=True)) is not None:
+                self._serve(request)
+        finally:
+            with self._lock:
+                # Also refuses what arrives from now on, when a broken group ends the runner.
+                self._shutting_down = True
+                abandoned = list(self._queue)
+                self._queue.clear()
+            for request in abandoned:
+                self._emit(TaskFailed(task_id=request.task_id, message="the runner is stopping"))
 
     def serve_pending(self) -> None:
         """Serve what is queued now and return: for tests and tools driving it in-process."""
@@ -159,9 +197,22 @@ class GenerationEngine:
             return request
 
     def _serve(self, request: Generate) -> None:
+        lockstep = self._lockstep
         try:
-            self._generate(request)
+            if lockstep is None:
+                self._generate(request, None)
+            else:
+                with lockstep.guard(f"generating task {request.task_id}"):
+                    self._generate(request, lockstep)
+        except GroupBrokenError as error:
+            self._emit(TaskFailed(task_id=request.task_id, message=str(error)))
+            raise
         except Exception as error:
+            if lockstep is not None:
+                # The peers may be inside a collective this rank will never join.
+                message = f"generation of task {request.task_id} failed on rank {lockstep.rank}"
+                self._emit(TaskFailed(task_id=request.task_id, message=f"{message}: {error}"))
+                raise GroupBrokenError(f"{message}, so the ring group is out of step") from error
             # A bad request or an MLX error fails that task; the runner keeps serving.
             logger.exception("generation of task %s failed", request.task_id)
             self._emit(TaskFailed(task_id=request.task_id, message=f"generation failed: {error}"))
@@ -171,12 +222,29 @@ class GenerationEngine:
                 self._cancelled.discard(request.task_id)
                 self._publish_activity_locked()
 
-    def _generate(self, request: Generate) -> None:
+    def _stop_requested(self, task_id: TaskId) -> bool:
+        return task_id in self._cancelled or self._shutting_down
+
+    def _generate(self, request: Generate, lockstep: RingLockstep | None) -> None:
         loaded = self._model
         assert loaded is not None, "requests are only taken once the model is loaded"
         task_id = request.task_id
         sampling = request.sampling
         prepared = self._prompt_and_token_limit(loaded, request)
+        consensus: StepConsensus | None = None
+        if lockstep is not None:
+            agreement = lockstep.agree_on_task(
+                task_id,
+                prepared=not isinstance(prepared, str),
+                cancel=self._stop_requested(task_id),
+            )
+            if agreement == "cancelled":
+                no_usage = Usage(prompt_tokens=0, completion_tokens=0)
+                self._emit(TaskDone(task_id=task_id, finish_reason="cancelled", usage=no_usage))
+                return
+            if agreement == "failed" and not isinstance(prepared, str):
+                prepared = "the task could not be prepared on another rank of the group"
+            consensus = lockstep.step_consensus(lambda: self._stop_requested(task_id))
         if isinstance(prepared, str):
             self._emit(TaskFailed(task_id=task_id, message=prepared))
             return
@@ -195,11 +263,17 @@ class GenerationEngine:
             max_tokens=max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
+            wrap_sampler=None if consensus is None else consensus.wrap,
+            on_prompt_progress=None if lockstep is None else _progress_callback(lockstep),
         )
         try:
             # The hot loop: keep it to a few attribute reads and one message per token.
-            for response in responses:
-                if task_id in cancelled or self._shutting_down:
+            for index, response in enumerate(responses):
+                if (
+                    consensus.stop_decided(index)
+                    if consensus is not None
+                    else task_id in cancelled or self._shutting_down
+                ):
                     finish_reason = "cancelled"
                     break
                 if response.finish_reason == "stop":
@@ -250,10 +324,17 @@ class GenerationEngine:
             )
         return prompt, min(request.sampling.max_tokens or self._max_tokens_cap, room)
 
-    def _warm_up(self, loaded: LoadedModel) -> None:
-        """A two-token generation, so the first client request does not pay for first use."""
+    def _warm_up(self, loaded: LoadedModel, consensus: StepConsensus | None) -> None:
+        """A two-token generation, so the first client request does not pay for first use.
+
+        In a ring group the tokens are shared too: ranks that stopped at different tokens
+        would have issued different numbers of collectives.
+        """
         prompt = chat_prompt_tokens(loaded.tokenizer, _WARM_UP_MESSAGES)
-        responses = stream_tokens(loaded, prompt, max_tokens=2, temperature=0.0, top_p=1.0)
+        wrap_sampler = None if consensus is None else consensus.wrap
+        responses = stream_tokens(
+            loaded, prompt, max_tokens=2, temperature=0.0, top_p=1.0, wrap_sampler=wrap_sampler
+        )
         for _ in responses:
             pass
 
@@ -273,3 +354,12 @@ class GenerationEngine:
         if status != self._last_status:
             self._last_status = status
             self._emit(StatusUpdate(status=status))
+
+
+def _progress_callback(lockstep: RingLockstep) -> Callable[[int, int], None]:
+    """Each prefill chunk counts as progress for the watchdog."""
+
+    def on_prompt_progress(_processed: int, _total: int) -> None:
+        lockstep.progress()
+
+    return on_prompt_progress

@@ -18,7 +18,6 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import load
 from shoal_shared.tasks import ChatMessage
 
 # Used when config.json names no context length: the smallest window of current chat models.
@@ -29,7 +28,18 @@ _CONTEXT_LENGTH_KEYS: Final = ("max_position_embeddings", "max_seq_len", "n_posi
 # the ways this module calls them. `mlx_lm.generate` is imported by name because the package
 # re-exports a function called `generate` that shadows the submodule as an attribute.
 _mlx_lm_generate = importlib.import_module("mlx_lm.generate")
+_mlx_lm_utils = importlib.import_module("mlx_lm.utils")
 _evaluate = cast("Callable[[object], None]", mx.eval)
+_load_model = cast("Callable[..., tuple[nn.Module, dict[str, object]]]", _mlx_lm_utils.load_model)
+_load_tokenizer = cast("Callable[..., TokenizerWrapper]", _mlx_lm_utils.load_tokenizer)
+
+# The stream mlx-lm generates on. Collectives outside its generation loop must be queued on
+# it too: a step still in flight on it (generation runs one step ahead) would otherwise put
+# its collectives on the wire concurrently with ours, and the ring would mix the two up.
+GENERATION_STREAM = cast("mx.ThreadLocalStream", _mlx_lm_generate.generation_stream)
+
+# A sampler maps a (1, vocabulary) array of log probabilities to a (1,) array of token ids.
+Sampler = Callable[[mx.array], mx.array]
 _stream_generate = cast(
     "Callable[..., Generator[GenerationResponse, None, None]]", _mlx_lm_generate.stream_generate
 )
@@ -47,13 +57,16 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
 
 
-def load_lazily(model_dir: Path) -> LoadedModel:
-    """Build the model with lazy weights, so the caller can materialize it layer by layer."""
-    loaded = cast(
-        "tuple[nn.Module, TokenizerWrapper, dict[str, object]]",
-        load(str(model_dir), lazy=True, return_config=True),
-    )
-    model, tokenizer, config = loaded
+def load_lazily(model_dir: Path, *, strict: bool = True) -> LoadedModel:
+    """Build the model with lazy weights, so the caller can materialize it layer by layer.
+
+    Nothing is read from the safetensors until a parameter is evaluated, so a pipeline shard
+    that drops the other ranks' layers never reads them. `strict=False` tolerates weights
+    missing from the directory (a shard's download may hold only its own layers); whoever
+    passes it must check that the weights it keeps were present.
+    """
+    model, config = _load_model(model_dir, lazy=True, strict=strict)
+    tokenizer = _load_tokenizer(model_dir, None, eos_token_ids=config.get("eos_token_id"))
     layers = cast("object", getattr(model, "layers", None))
     if not isinstance(layers, list):
         raise ValueError(f"the model in {model_dir} exposes no list of transformer layers")
@@ -76,13 +89,24 @@ def _context_length(config: dict[str, object]) -> int:
     return _FALLBACK_CONTEXT_LENGTH
 
 
+def read_model_config(model_dir: Path) -> dict[str, object]:
+    config = cast("object", json.loads((model_dir / "config.json").read_text()))
+    if not isinstance(config, dict):
+        raise ValueError(f"{model_dir}/config.json is not a JSON object")
+    return cast("dict[str, object]", config)
+
+
 def read_layer_count(model_dir: Path) -> int:
     """The number of transformer layers that config.json declares."""
-    config = cast("dict[str, object]", json.loads((model_dir / "config.json").read_text()))
-    value = config.get("num_hidden_layers")
+    value = read_model_config(model_dir).get("num_hidden_layers")
     if not isinstance(value, int):
         raise ValueError(f"{model_dir}/config.json has no integer num_hidden_layers")
     return value
+
+
+def evaluate(array: mx.array) -> None:
+    """Compute an array now (for a collective: it raises when the ring group broke)."""
+    _evaluate(array)
 
 
 def materialize(module: nn.Module) -> None:
@@ -114,12 +138,23 @@ def stream_tokens(
     max_tokens: int,
     temperature: float,
     top_p: float,
+    wrap_sampler: Callable[[Sampler], Sampler] | None = None,
+    on_prompt_progress: Callable[[int, int], None] | None = None,
 ) -> Generator[GenerationResponse, None, None]:
     """mlx-lm's `stream_generate`: one response per token, the last one with a finish reason.
 
     A temperature of 0 makes `make_sampler` return the argmax (greedy) sampler.
+    `wrap_sampler` lets a ring group share rank 0's token; `on_prompt_progress` is called
+    after each prefill chunk (processed, total).
     """
-    sampler = make_sampler(temp=temperature, top_p=top_p)
+    sampler: Sampler = make_sampler(temp=temperature, top_p=top_p)
+    if wrap_sampler is not None:
+        sampler = wrap_sampler(sampler)
     return _stream_generate(
-        loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens, sampler=sampler
+        loaded.model,
+        loaded.tokenizer,
+        prompt,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        prompt_progress_callback=on_prompt_progress,
     )

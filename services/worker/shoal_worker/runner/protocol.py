@@ -13,9 +13,17 @@ from shoal_shared.ids import RunnerId, TaskId
 from shoal_shared.runner_status import RunnerStatus
 from shoal_shared.tasks import ChatMessage, SamplingParameters
 
+Sharding = Literal["pipeline", "tensor"]
+
 
 class RunnerSpec(FrozenModel):
-    """What a runner serves: handed to the subprocess as JSON on its command line."""
+    """What a runner serves: handed to the subprocess as JSON on its command line.
+
+    With world_size > 1 the runners of one instance form an `mx.distributed` ring group:
+    `ring_hosts` holds one "ip:port" per rank, in rank order, identical on every rank.
+    Pipeline sharding gives each rank a contiguous layer range (rank 0 the first layers);
+    tensor sharding gives every rank all layers, a 1/world_size slice of each.
+    """
 
     runner_id: RunnerId
     model_dir: str
@@ -25,6 +33,15 @@ class RunnerSpec(FrozenModel):
     start_layer: int = Field(ge=0)
     end_layer: int = Field(ge=1)
     layer_count: int = Field(ge=1)
+    sharding: Sharding = "pipeline"
+    ring_hosts: tuple[str, ...] = ()
+    # How long a rank waits for its ring neighbours to show up before it reports failed.
+    connect_timeout_s: float = Field(default=60.0, gt=0)
+    # How long a loaded rank waits for the slowest rank of its group to finish loading.
+    peer_load_timeout_s: float = Field(default=600.0, gt=0)
+    # The longest a generation step (a prefill chunk or one token) may take before the rank
+    # declares its group stalled: a stalled or half-dead peer otherwise blocks it forever.
+    step_timeout_s: float = Field(default=120.0, gt=0)
 
 
 # Worker -> runner.
