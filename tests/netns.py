@@ -18,15 +18,20 @@ Names carry the creating process's id: a later run sweeps namespaces whose creat
 import contextlib
 import functools
 import ipaddress
+import json
 import os
+import queue
 import random
 import secrets
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, final, overload
+from typing import IO, Any, Final, Self, final, overload
 
 import psutil
 
@@ -314,3 +319,68 @@ class NetworkNamespaces:
     @staticmethod
     def create(count: int) -> Hosts:
         return Hosts.create(count)
+
+
+@final
+class JsonLinesProcess:
+    """A test script's process that prints one JSON object a line, read on a thread.
+
+    Everything printed so far is in `seen` (filled by `wait_until`); stderr goes to `log`,
+    shown when a wait fails.
+    """
+
+    def __init__(
+        self, process: subprocess.Popen[str], label: str, log: Path, patience: float
+    ) -> None:
+        self.process = process
+        self.label = label
+        self.log = log
+        self.patience = patience
+        self.seen: list[dict[str, Any]] = []
+        self._lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        assert process.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self._lines.put(json.loads(line))
+
+    def wait_until(self, done: Callable[[list[dict[str, Any]]], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done(self.seen):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.process.poll() is not None:
+                raise AssertionError(
+                    f"{self.label}: gave up after {timeout} s; saw {self.seen}; "
+                    f"exit {self.process.poll()}; stderr: {self.log.read_text()[-2000:]}"
+                )
+            with contextlib.suppress(queue.Empty):
+                self.seen.append(self._lines.get(timeout=min(remaining, 0.1)))
+
+    def drain(self, seconds: float) -> None:
+        """Collect whatever else arrives in the next `seconds`."""
+        deadline = time.monotonic() + seconds
+        self.wait_until(lambda _: time.monotonic() >= deadline, seconds + 1)
+
+    def moment(self, key: str) -> Any:
+        """The value of the first line with `key`, waiting up to `patience` for it."""
+        self.wait_until(lambda seen: any(key in line for line in seen), self.patience)
+        return next(line[key] for line in self.seen if key in line)
+
+    def request_stop(self) -> None:
+        """Close stdin: the scripts take that as their signal to shut down cleanly."""
+        assert self.process.stdin is not None
+        if not self.process.stdin.closed:
+            self.process.stdin.close()
+
+    def stop(self) -> None:
+        self.request_stop()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(timeout=5)
+        assert self.process.stdout is not None
+        self.process.stdout.close()

@@ -26,8 +26,9 @@ def free_port() -> int:
 
 @final
 class RunningNode:
-    def __init__(self, home: Path, *extra_arguments: str) -> None:
+    def __init__(self, home: Path, *extra_arguments: str, mdns: bool = False) -> None:
         self.home = home
+        self.mdns = mdns
         self.api_port = free_port()
         self.nats_port = free_port()
         self.leaf_port = free_port()
@@ -66,6 +67,9 @@ class RunningNode:
                 str(self.nats_port),
                 "--leaf-port",
                 str(self.leaf_port),
+                # Tests never send mDNS out of the host's real interfaces; multi-host tests
+                # run nodes in their own network namespaces instead.
+                *(() if self.mdns else ("--no-mdns",)),
                 *self._extra_arguments,
             ],
             stdout=self._log,

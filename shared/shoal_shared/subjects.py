@@ -37,3 +37,13 @@ def election_query(node_id: NodeId) -> str:
 
 def downloads(node_id: NodeId) -> str:
     return f"shoal.downloads.{node_id}"
+
+
+def election_inbox(node_id: NodeId) -> str:
+    """Election messages for one node, published on that node's server by its peers."""
+    return f"shoal.election.inbox.{node_id}"
+
+
+def election_whoami(node_id: NodeId) -> str:
+    """Request/reply on a peer's server: its advert (addresses and ports)."""
+    return f"shoal.election.whoami.{node_id}"

@@ -1,7 +1,9 @@
 """The bully election as a pure state machine: inputs in, outputs out, no I/O, no clock.
 
 The wiring (NATS connections to every peer, the term file, the leaf topology) feeds `Tick`s and
-`Received` messages with a monotonic `now`, and carries out the returned outputs in order.
+`Received` messages with a monotonic `now`, and carries out the returned outputs in order. Tick
+at least every half heartbeat interval (0.05-0.1 s): every decision is re-evaluated on each
+input, so the tick rate bounds how late a timeout is noticed.
 
 Policy, in one place:
 

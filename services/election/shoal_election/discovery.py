@@ -232,6 +232,7 @@ class Discovery:
         self._zeroconf: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._announcing: asyncio.Future[None] | None = None
+        self._registered = False
         self._service_info = advert_service_info(advert)
         # One resolution at a time per service name; a change during one asks for another, so
         # a slow, stale answer can never overwrite a newer one.
@@ -256,8 +257,14 @@ class Discovery:
         self._browser = AsyncServiceBrowser(
             zeroconf.zeroconf, SERVICE_TYPE, handlers=[self._on_service_state_change]
         )
+        try:
+            announcements = await _register(zeroconf, self._service_info)
+        except BaseException:
+            await self.stop()
+            raise
+        self._registered = True
         # Peers see us after the first announcement; the remaining repeats need no waiting.
-        self._announcing = asyncio.ensure_future(await _register(zeroconf, self._service_info))
+        self._announcing = asyncio.ensure_future(announcements)
         logger.info(
             "advertising node %s (namespace %s) at %s",
             self._advert.node_id,
@@ -280,8 +287,10 @@ class Discovery:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if zeroconf is not None:
-            # Goodbye packets let peers' caches drop us now instead of after the TTL.
-            await _unregister(zeroconf, self._service_info)
+            if self._registered:
+                self._registered = False
+                # Goodbye packets let peers' caches drop us now instead of after the TTL.
+                await _unregister(zeroconf, self._service_info)
             await zeroconf.async_close()
 
     def _on_service_state_change(

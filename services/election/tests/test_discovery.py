@@ -5,22 +5,21 @@ leaves the machine. Where namespaces cannot be created they fall back to zerocon
 127.0.0.1 and say so in the test output.
 """
 
+import asyncio
 import json
-import queue
 import secrets
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Final, final
+from typing import Any, Final, final
 
 import pytest
 from pydantic import ValidationError
 from shoal_election.discovery import (
     PROTOCOL_VERSION,
     SERVICE_TYPE,
+    Discovery,
     PeerAdvert,
     advert_from_service_info,
     advert_service_info,
@@ -33,6 +32,7 @@ from zeroconf import ServiceInfo
 from tests.netns import (
     FORCE_NO_NAMESPACES_VARIABLE,
     Hosts,
+    JsonLinesProcess,
     NetworkNamespaces,
     namespaces_available,
 )
@@ -113,79 +113,24 @@ asyncio.run(main())
 """
 
 
-@final
-class NodeProcess:
-    """A script's process and the JSON lines it prints, read on a thread."""
+def peers_of(node: JsonLinesProcess) -> list[PeerAdvert]:
+    reports = [line["peer"] for line in node.seen if "peer" in line]
+    return [PeerAdvert.model_validate(report, strict=False) for report in reports]
 
-    def __init__(self, process: subprocess.Popen[str], label: str, log: Path) -> None:
-        self.process = process
-        self.label = label
-        self.log = log
-        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.seen: list[dict[str, Any]] = []
-        assert process.stdout is not None
-        self._reader = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
-        self._reader.start()
 
-    def _read(self, stdout: IO[str]) -> None:
-        for line in stdout:
-            self.lines.put(json.loads(line))
+def peers_by_id(node: JsonLinesProcess) -> dict[str, PeerAdvert]:
+    return {peer.node_id: peer for peer in peers_of(node)}
 
-    def wait_until(self, done: Callable[[list[dict[str, Any]]], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not done(self.seen):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.process.poll() is not None:
-                raise AssertionError(
-                    f"{self.label}: gave up after {timeout} s; saw {self.seen}; "
-                    f"exit {self.process.poll()}; stderr: {self.log.read_text()[-2000:]}"
-                )
-            try:
-                self.seen.append(self.lines.get(timeout=min(remaining, 0.1)))
-            except queue.Empty:
-                continue
 
-    def drain(self, seconds: float) -> None:
-        """Collect whatever else arrives in the next `seconds`."""
-        deadline = time.monotonic() + seconds
-        self.wait_until(lambda _: time.monotonic() >= deadline, seconds + 1)
+def found_ids(expected: set[str]) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda seen: {line["peer"]["node_id"] for line in seen if "peer" in line} >= expected
 
-    def peers(self) -> list[PeerAdvert]:
-        return [
-            PeerAdvert.model_validate(line["peer"], strict=False)
-            for line in self.seen
-            if "peer" in line
-        ]
 
-    def moment(self, key: str) -> float:
-        """When the node printed `key` ("started", "ready"), waiting for it if need be."""
-        self.wait_until(lambda seen: any(key in line for line in seen), WAIT_SECONDS)
-        return next(float(line[key]) for line in self.seen if key in line)
-
-    def found_at(self, node_id: str) -> float:
-        """When this node first reported `node_id`, waiting for it if need be."""
-        self.wait_until(found_ids({node_id}), WAIT_SECONDS)
-        return next(
-            float(line["at"])
-            for line in self.seen
-            if "peer" in line and line["peer"]["node_id"] == node_id
-        )
-
-    def request_stop(self) -> None:
-        assert self.process.stdin is not None
-        if not self.process.stdin.closed:
-            self.process.stdin.close()
-
-    def stop(self) -> None:
-        self.request_stop()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(timeout=5)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
+def found_at(node: JsonLinesProcess, node_id: str) -> float:
+    """When `node` first reported `node_id`, waiting for it if need be."""
+    node.wait_until(found_ids({node_id}), WAIT_SECONDS)
+    reports = [line for line in node.seen if "peer" in line]
+    return next(float(line["at"]) for line in reports if line["peer"]["node_id"] == node_id)
 
 
 @final
@@ -195,7 +140,7 @@ class Network:
     def __init__(self, hosts: Hosts | None, tmp_path: Path) -> None:
         self.hosts = hosts
         self.tmp_path = tmp_path
-        self.started: list[NodeProcess] = []
+        self.started: list[JsonLinesProcess] = []
 
     @property
     def mode(self) -> str:
@@ -204,13 +149,14 @@ class Network:
     def address(self, index: int) -> str:
         return "127.0.0.1" if self.hosts is None else self.hosts[index].address
 
-    def run(self, index: int, script: str, *arguments: str) -> NodeProcess:
+    def run(self, index: int, script: str, *arguments: str) -> JsonLinesProcess:
         log = self.tmp_path / f"host{index}-{len(self.started)}.err"
         argv = [sys.executable, "-c", script, *arguments]
         with log.open("w") as stderr:
+            pipe = subprocess.PIPE
             options: dict[str, Any] = {
-                "stdin": subprocess.PIPE,
-                "stdout": subprocess.PIPE,
+                "stdin": pipe,
+                "stdout": pipe,
                 "stderr": stderr,
                 "text": True,
             }
@@ -218,11 +164,13 @@ class Network:
                 process: subprocess.Popen[str] = subprocess.Popen(argv, **options)
             else:
                 process = self.hosts[index].popen(argv, **options)
-        node = NodeProcess(process, f"host {index}", log)
+        node = JsonLinesProcess(process, f"host {index}", log, WAIT_SECONDS)
         self.started.append(node)
         return node
 
-    def node(self, index: int, node_id: str, namespace: str, nats_port: int = 4222) -> NodeProcess:
+    def node(
+        self, index: int, node_id: str, namespace: str, nats_port: int = 4222
+    ) -> JsonLinesProcess:
         return self.run(index, NODE_SCRIPT, node_id, namespace, str(nats_port), self.mode)
 
     def stop_all(self) -> None:
@@ -270,14 +218,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
-def peers_by_id(node: NodeProcess) -> dict[str, PeerAdvert]:
-    return {peer.node_id: peer for peer in node.peers()}
-
-
-def found_ids(expected: set[str]) -> Callable[[list[dict[str, Any]]], bool]:
-    return lambda seen: {line["peer"]["node_id"] for line in seen if "peer" in line} >= expected
-
-
 def test_two_nodes_find_each_other(network: Network) -> None:
     namespace = unique("ns")
     first_id, second_id = unique("node-a"), unique("node-b")
@@ -285,8 +225,8 @@ def test_two_nodes_find_each_other(network: Network) -> None:
     first.moment("ready")
     second = network.node(1, second_id, namespace, nats_port=5222)
     second_started = second.moment("started")
-    running_found_after = second.found_at(first_id) - second_started
-    new_found_after = first.found_at(second_id) - second_started
+    running_found_after = found_at(second, first_id) - second_started
+    new_found_after = found_at(first, second_id) - second_started
     print(
         f"\n[{network.mode}] a running node found after {running_found_after:.3f} s, "
         f"a new one after {new_found_after:.3f} s"
@@ -295,16 +235,13 @@ def test_two_nodes_find_each_other(network: Network) -> None:
     assert new_found_after < FIND_WITHIN_SECONDS
     seen_by_first = peers_by_id(first)[second_id]
     assert seen_by_first.addresses == (network.address(1),)
-    assert (seen_by_first.nats_port, seen_by_first.leaf_port, seen_by_first.api_port) == (
-        5222,
-        5223,
-        5224,
-    )
+    ports = (seen_by_first.nats_port, seen_by_first.leaf_port, seen_by_first.api_port)
+    assert ports == (5222, 5223, 5224)
     assert peers_by_id(second)[first_id].addresses == (network.address(0),)
     # Each reported once (no duplicate reports of an unchanged advert), and never itself.
     first.drain(0.5)
-    assert [peer.node_id for peer in first.peers()] == [second_id]
-    assert [peer.node_id for peer in second.peers()] == [first_id]
+    assert [peer.node_id for peer in peers_of(first)] == [second_id]
+    assert [peer.node_id for peer in peers_of(second)] == [first_id]
 
 
 def test_three_nodes_find_each_other_and_ignore_another_namespace(network: Network) -> None:
@@ -318,7 +255,7 @@ def test_three_nodes_find_each_other_and_ignore_another_namespace(network: Netwo
             if other is node:
                 continue
             both_started = max(node.moment("started"), other.moment("started"))
-            found_after = node.found_at(ids[other_index]) - both_started
+            found_after = found_at(node, ids[other_index]) - both_started
             print(
                 f"\n[{network.mode}] node {index} found node {other_index} in {found_after:.3f} s"
             )
@@ -326,7 +263,7 @@ def test_three_nodes_find_each_other_and_ignore_another_namespace(network: Netwo
         assert set(peers_by_id(node)) == set(ids) - {ids[index]}
     stranger.moment("ready")
     stranger.drain(0.5)
-    assert stranger.peers() == []
+    assert peers_of(stranger) == []
     assert all(stranger_id not in peers_by_id(node) for node in nodes)
 
 
@@ -337,14 +274,9 @@ def test_foreign_and_malformed_services_are_skipped_and_changes_reported(
     observer_id, valid_id = unique("observer"), unique("valid")
 
     def txt(node_id: str, **overrides: str | None) -> dict[str, str | None]:
-        properties: dict[str, str | None] = {
-            "id": node_id,
-            "ns": namespace,
-            "nats": "4222",
-            "leaf": "7422",
-            "api": "8000",
-            "pv": str(PROTOCOL_VERSION),
-        }
+        ports = {"nats": "4222", "leaf": "7422", "api": "8000"}
+        properties: dict[str, str | None] = {"id": node_id, "ns": namespace, **ports}
+        properties["pv"] = str(PROTOCOL_VERSION)
         properties.update(overrides)
         return {key: value for key, value in properties.items() if value is not None}
 
@@ -361,9 +293,9 @@ def test_foreign_and_malformed_services_are_skipped_and_changes_reported(
     raw = network.run(0, RAW_SCRIPT, network.address(0), network.mode, json.dumps(raw_services))
     raw.moment("ready")
     observer = network.node(1, observer_id, namespace)
-    assert observer.found_at(valid_id) - observer.moment("started") < FIND_WITHIN_SECONDS
+    assert found_at(observer, valid_id) - observer.moment("started") < FIND_WITHIN_SECONDS
     observer.drain(1.0)
-    assert [peer.node_id for peer in observer.peers()] == [valid_id]
+    assert [peer.node_id for peer in peers_of(observer)] == [valid_id]
     assert observer.process.poll() is None
 
     # An update of the valid service's port is reported again; the malformed ones still not.
@@ -373,53 +305,91 @@ def test_foreign_and_malformed_services_are_skipped_and_changes_reported(
     observer.wait_until(
         lambda seen: len([line for line in seen if "peer" in line]) == 2, WAIT_SECONDS
     )
-    ports = [peer.nats_port for peer in observer.peers()]
+    ports = [peer.nats_port for peer in peers_of(observer)]
     assert ports == [4222, 4223]
-    assert {peer.node_id for peer in observer.peers()} == {valid_id}
+    assert {peer.node_id for peer in peers_of(observer)} == {valid_id}
+
+
+async def test_in_process_peers_survive_a_failing_callback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # In this process zeroconf may only use loopback: the root namespace has real interfaces.
+    namespace = unique("ns")
+    adverts = [
+        ADVERT.model_copy(update={"node_id": NodeId(unique(name)), "namespace": namespace})
+        for name in ("failing", "plain")
+    ]
+    reported: list[PeerAdvert] = []
+    both_called = [asyncio.Event(), asyncio.Event()]
+
+    def plain_callback(peer: PeerAdvert) -> None:
+        reported.append(peer)
+        both_called[1].set()
+
+    def failing_callback(peer: PeerAdvert) -> None:
+        both_called[0].set()
+        raise RuntimeError(f"callback bug while reporting {peer.node_id}")
+
+    failing = Discovery(adverts[0], ["127.0.0.1"], failing_callback)
+    plain = Discovery(adverts[1], ["127.0.0.1"], plain_callback)
+    await plain.stop()  # before start: nothing to do
+    await asyncio.gather(failing.start(), plain.start())
+    try:
+        async with asyncio.timeout(WAIT_SECONDS):
+            await asyncio.gather(*(called.wait() for called in both_called))
+        assert dict(failing.peers) == {adverts[1].node_id: adverts[1]}
+        assert dict(plain.peers) == {adverts[0].node_id: adverts[0]}
+        assert reported == [adverts[0]]
+        assert "callback bug" in caplog.text
+    finally:
+        await asyncio.gather(failing.stop(), plain.stop())
+    await plain.stop()  # twice: harmless
+
+
+ADVERT: Final = PeerAdvert(
+    node_id=NodeId("node-1"),
+    namespace="home lab",
+    addresses=("10.0.0.2", "192.168.1.5"),
+    nats_port=52416,
+    leaf_port=52417,
+    api_port=52415,
+    protocol_version=PROTOCOL_VERSION,
+)
+VALID_TXT: Final = {
+    b"id": b"node-1",
+    b"ns": b"n",
+    b"nats": b"1",
+    b"leaf": b"2",
+    b"api": b"3",
+    b"pv": b"1",
+}
 
 
 def test_advert_round_trips_through_service_info() -> None:
-    advert = PeerAdvert(
-        node_id=NodeId("node-1"),
-        namespace="home lab",
-        addresses=("10.0.0.2", "192.168.1.5"),
-        nats_port=52416,
-        leaf_port=52417,
-        api_port=52415,
-        protocol_version=PROTOCOL_VERSION,
-    )
-    info = advert_service_info(advert)
+    info = advert_service_info(ADVERT)
     assert info.type == SERVICE_TYPE
     assert set(info.properties) == {b"id", b"ns", b"nats", b"leaf", b"api", b"pv"}
-    assert advert_from_service_info(info) == advert
-
-
-def test_very_long_node_id_still_fits_one_dns_label() -> None:
-    node_id = NodeId("n" * 64)
-    advert = PeerAdvert(
-        node_id=node_id,
-        namespace="default",
-        addresses=("10.0.0.2",),
-        nats_port=1,
-        leaf_port=2,
-        api_port=3,
-        protocol_version=1,
-    )
-    info = advert_service_info(advert)
-    assert len(info.name.removesuffix("." + SERVICE_TYPE)) <= 63
-    assert advert_from_service_info(info) == advert
+    assert advert_from_service_info(info) == ADVERT
+    # The longest valid node id is one byte too long for a DNS label.
+    long_advert = ADVERT.model_copy(update={"node_id": NodeId("n" * 64)})
+    long_info = advert_service_info(long_advert)
+    assert len(long_info.name.removesuffix("." + SERVICE_TYPE)) <= 63
+    assert advert_from_service_info(long_info) == long_advert
+    # A peer without an IPv4 address is of no use (zeroconf may see only its IPv6 records).
+    no_address = ServiceInfo(SERVICE_TYPE, f"x.{SERVICE_TYPE}", port=1, properties=VALID_TXT)
+    assert advert_from_service_info(no_address) is None
 
 
 @pytest.mark.parametrize(
     "properties",
     [
-        {},
-        {b"id": b"node-1"},
-        {b"id": b"node-1", b"ns": b"n", b"nats": b"1", b"leaf": b"2", b"api": b"3", b"pv": None},
-        {b"id": b"\xff", b"ns": b"n", b"nats": b"1", b"leaf": b"2", b"api": b"3", b"pv": b"1"},
-        {b"id": b"node-1", b"ns": b"", b"nats": b"1", b"leaf": b"2", b"api": b"3", b"pv": b"1"},
-        {b"id": b"node-1", b"ns": b"n", b"nats": b"0", b"leaf": b"2", b"api": b"3", b"pv": b"1"},
-        {b"id": b"node-1", b"ns": b"n", b"nats": b"1", b"leaf": b"2", b"api": b"3", b"pv": b"x"},
+        {b"unrelated": b"yes"},
+        {b"id": b"node-1", b"pv": b"1"},
+        {**VALID_TXT, b"pv": None},  # a bare key (no "="): present, without a value
+        {**VALID_TXT, b"id": b"\xff"},
+        {**VALID_TXT, b"ns": b""},
+        {**VALID_TXT, b"nats": b"0"},
+        {**VALID_TXT, b"pv": b"x"},
     ],
 )
 def test_malformed_txt_records_parse_to_none(properties: dict[bytes, bytes | None]) -> None:
@@ -433,32 +403,19 @@ def test_malformed_txt_records_parse_to_none(properties: dict[bytes, bytes | Non
     assert advert_from_service_info(info) is None
 
 
-def test_service_without_ipv4_address_parses_to_none() -> None:
-    properties = {"id": "node-1", "ns": "n", "nats": "1", "leaf": "2", "api": "3", "pv": "1"}
-    info = ServiceInfo(SERVICE_TYPE, f"x.{SERVICE_TYPE}", port=1, properties=properties)
-    assert advert_from_service_info(info) is None
-
-
-def test_advert_validation() -> None:
-    valid: dict[str, Any] = {
-        "node_id": "node-1",
-        "namespace": "default",
-        "addresses": ("10.0.0.2",),
-        "nats_port": 1,
-        "leaf_port": 2,
-        "api_port": 3,
-        "protocol_version": 1,
-    }
-    PeerAdvert.model_validate(valid)
-    for field, bad in [
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
         ("node_id", "a.b"),
         ("addresses", ("fe80::1",)),
         ("addresses", ()),
         ("nats_port", 0),
         ("namespace", ""),
-    ]:
-        with pytest.raises(ValidationError):
-            PeerAdvert.model_validate({**valid, field: bad})
+    ],
+)
+def test_advert_validation(field: str, bad: object) -> None:
+    with pytest.raises(ValidationError):
+        PeerAdvert.model_validate({**ADVERT.model_dump(), field: bad})
 
 
 def test_local_ipv4_addresses() -> None:

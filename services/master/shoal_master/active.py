@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, final
 
 from nats.aio.msg import Msg
@@ -49,7 +49,7 @@ from shoal_shared.instances import Instance
 from shoal_shared.model_card import ModelCard
 from shoal_shared.state import State
 
-from shoal_master.decisions import FreshIds, decide, instances_touching
+from shoal_master.decisions import FreshIds, decide, instances_touching, membership_changes
 from shoal_master.log_store import SNAPSHOT_INTERVAL, GlobalLogStore
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class ActiveMaster:
         state: State,
         cards: Mapping[ModelId, ModelCard],
         default_model_id: ModelId | None,
+        live_peers: Callable[[], Sequence[NodeId] | None],
     ) -> None:
         self._bus = bus
         self._node_id = node_id
@@ -90,6 +91,8 @@ class ActiveMaster:
         self._state = state
         self._cards = cards
         self._default_model_id = default_model_id
+        # What this node's election hears now (None: no current outcome for this term).
+        self._live_peers = live_peers
         self._store = GlobalLogStore(bus, node_id)
         self._inbox: asyncio.Queue[LocalArrival | CommandArrival] = asyncio.Queue()
         self._replies: OrderedDict[CommandId, CommandReply] = OrderedDict()
@@ -172,6 +175,7 @@ class ActiveMaster:
     async def _work(self) -> None:
         await self._place_default_model()
         while True:
+            await self._follow_membership()
             try:
                 arrival = await asyncio.wait_for(self._inbox.get(), CONSUMER_REFRESH_SECONDS)
             except TimeoutError:
@@ -188,8 +192,10 @@ class ActiveMaster:
         if arrival.sequence <= self._state.local_sequences.get(arrival.node_id, 0):
             return  # indexed already, by this master or an earlier one
         origin = LocalOrigin(node_id=arrival.node_id, sequence=arrival.sequence)
+        await self._append_and_react(arrival.envelope.event, origin)
+
+    async def _append_and_react(self, event: Event, origin: LocalOrigin | None) -> None:
         before = self._state
-        event = arrival.envelope.event
         await self._append(event, origin)
         match event:
             case NodeLost():
@@ -199,6 +205,14 @@ class ActiveMaster:
                 await self._refresh_local_consumers(rejoined=event.node_id)
             case _:
                 await self._refresh_local_consumers(rejoined=None)
+
+    async def _follow_membership(self) -> None:
+        live_peers = self._live_peers()
+        if live_peers is None:
+            return
+        for event in membership_changes(self._state, self._node_id, live_peers):
+            logger.info("membership: %s %s", event.kind, getattr(event, "node_id", ""))
+            await self._append_and_react(event, None)
 
     async def _refresh_local_consumers(self, rejoined: NodeId | None) -> None:
         """Index the local stream of every live node; a node that comes back gets a fresh

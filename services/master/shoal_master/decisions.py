@@ -3,7 +3,7 @@
 Returns the events to append and the reply to send; the caller does the I/O.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import assert_never
 
 from shoal_shared.commands import (
@@ -21,6 +21,8 @@ from shoal_shared.events import (
     Event,
     InstanceCreated,
     InstanceDeleted,
+    NodeDiscovered,
+    NodeLost,
     TaskCancelRequested,
     TaskCreated,
 )
@@ -122,3 +124,14 @@ def instances_touching(state: State, node_id: NodeId) -> tuple[Instance, ...]:
         for instance in state.instances.values()
         if any(shard.node_id == node_id for shard in instance.shards)
     )
+
+
+def membership_changes(
+    state: State, own_node_id: NodeId, live_peers: Iterable[NodeId]
+) -> tuple[Event, ...]:
+    """Events that bring state's members in line with what the election hears."""
+    live = {own_node_id, *live_peers}
+    known = state.members | set(state.nodes)
+    discovered = [NodeDiscovered(node_id=node_id) for node_id in sorted(live - state.members)]
+    lost = [NodeLost(node_id=node_id) for node_id in sorted(known - live)]
+    return (*discovered, *lost)

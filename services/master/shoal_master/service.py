@@ -1,12 +1,13 @@
 """The master process: a warm standby replica, active when its node is elected."""
 
 import asyncio
+import functools
 import logging
 from typing import Final
 
 from shoal_shared.bus import Bus
 from shoal_shared.follower import StateFollower
-from shoal_shared.ids import ModelId
+from shoal_shared.ids import ModelId, NodeId
 from shoal_shared.model_card import builtin_cards
 from shoal_shared.node_identity import load_or_create_node_id
 from shoal_shared.settings import NodeSettings
@@ -17,6 +18,16 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID: Final = ModelId("smollm2-135m")
 OUTCOME_POLL_SECONDS: Final = 0.05
+
+
+def live_peers_in_term(
+    follower: StateFollower, node_id: NodeId, term: int
+) -> tuple[NodeId, ...] | None:
+    """The peers this node's election hears, while it still names this node master of `term`."""
+    current = follower.outcome
+    if current is None or current.term != term or current.master_node_id != node_id:
+        return None
+    return current.live_peers
 
 
 async def run_master(settings: NodeSettings) -> None:
@@ -38,8 +49,9 @@ async def run_master(settings: NodeSettings) -> None:
                 active = None
                 logger.info("stepped down")
             if elected_term is not None and active is None:
+                live_peers = functools.partial(live_peers_in_term, follower, node_id, elected_term)
                 active = ActiveMaster(
-                    bus, node_id, elected_term, follower.state, cards, default_model
+                    bus, node_id, elected_term, follower.state, cards, default_model, live_peers
                 )
                 await active.start()
                 default_model = None
