@@ -81,18 +81,24 @@ class ChildService:
             await process.wait()
 
 
-def _port_is_free(port: int) -> bool:
+def _port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As the servers do: connections of a killed predecessor in TIME_WAIT do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind((host, port))
         except OSError:
             return False
     return True
 
 
 async def run_node(settings: NodeSettings) -> None:
-    for label, port in (("NATS", settings.nats_port), ("API", settings.api_port)):
-        if not _port_is_free(port):
+    listeners = (
+        ("NATS", settings.bind_host, settings.nats_port),
+        ("API", settings.api_host, settings.api_port),
+    )
+    for label, host, port in listeners:
+        if not _port_is_free(host, port):
             raise SystemExit(f"shoal: the {label} port {port} is in use (another node running?)")
     environment = {**os.environ, **settings_environment(settings)}
     children = [ChildService(name, environment) for name in SERVICE_ORDER]

@@ -1,5 +1,6 @@
 """The `Cluster` the API serves from on a real node: the bus and the state follower."""
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Final, final
@@ -51,6 +52,10 @@ class _StreamReader:
         return GLOBAL_LOG_ENTRY.validate_json(message.data)
 
 
+# Between two asks while no master is subscribed to commands (one is taking over).
+COMMAND_RETRY_SECONDS: Final = 0.2
+
+
 @final
 class NatsCluster:
     def __init__(self, bus: Bus, follower: StateFollower, node_id: NodeId) -> None:
@@ -71,6 +76,20 @@ class NatsCluster:
         return self._follower.outcome
 
     async def send_command(self, command: Command, timeout: float) -> CommandReply:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + timeout
+        while True:
+            try:
+                return await self._send_once(command, max(give_up_at - loop.time(), 0.1))
+            except MasterUnavailableError as error:
+                # Nobody subscribed: a master is taking over (it subscribes within a second
+                # or two of its election). Commands carry an idempotency id, so asking again
+                # is safe; other failures may have been delivered and are not retried.
+                if error.maybe_delivered or loop.time() + COMMAND_RETRY_SECONDS > give_up_at:
+                    raise
+                await asyncio.sleep(COMMAND_RETRY_SECONDS)
+
+    async def _send_once(self, command: Command, timeout: float) -> CommandReply:
         try:
             return await self._bus.request(subjects.COMMANDS, command, COMMAND_REPLY, timeout)
         except NoRespondersError:

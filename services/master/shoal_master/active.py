@@ -111,7 +111,6 @@ class ActiveMaster:
         # A snapshot opens every term: readers start there instead of replaying history.
         await self._store.snapshot(self.term, self._state.model_copy(update={"term": self.term}))
         self._state = self._state.model_copy(update={"term": self.term})
-        await self._refresh_local_consumers(rejoined=None)
         self._command_subscription = await self._bus.subscribe(
             subjects.COMMANDS, self._on_command, queue="shoal-masters"
         )
@@ -173,6 +172,10 @@ class ActiveMaster:
         self._inbox.put_nowait(CommandArrival(message, command))
 
     async def _work(self) -> None:
+        # Membership first: a node that died with the old master must not cost a consumer
+        # timeout on its unreachable domain before the first command is answered.
+        await self._follow_membership()
+        await self._refresh_local_consumers(rejoined=None)
         await self._place_default_model()
         while True:
             await self._follow_membership()
@@ -217,7 +220,9 @@ class ActiveMaster:
     async def _refresh_local_consumers(self, rejoined: NodeId | None) -> None:
         """Index the local stream of every live node; a node that comes back gets a fresh
         consumer, since one left on an unreachable domain may be dead."""
-        wanted = {self._node_id, *self._state.members, *self._state.nodes}
+        live_peers = self._live_peers()
+        known = {*self._state.members, *self._state.nodes} if live_peers is None else live_peers
+        wanted = {self._node_id, *known}
         for node_id in [*self._local_subscriptions]:
             if node_id not in wanted or node_id == rejoined:
                 subscription = self._local_subscriptions.pop(node_id)

@@ -236,7 +236,8 @@ class _LeftNeighbourAcceptor:
         self._spec = spec
         self._deadline = deadline
         self._left = (spec.rank - 1) % spec.world_size
-        self._stopped = abort
+        self._abort = abort
+        self._stopped = threading.Event()
         self.done = False
         self.failure: str | None = None
 
@@ -247,7 +248,9 @@ class _LeftNeighbourAcceptor:
         rejected: str | None = None
         # A stray or stale connection is turned away and the wait goes on: the right peer
         # may still come before the deadline.
-        while not self._stopped.is_set() and (remaining := self._deadline - time.monotonic()) > 0:
+        while (remaining := self._deadline - time.monotonic()) > 0:
+            if self._stopped.is_set() or self._abort.is_set():
+                return
             self._listener.settimeout(min(remaining, _ACCEPT_POLL_S))
             try:
                 connection, _ = self._listener.accept()

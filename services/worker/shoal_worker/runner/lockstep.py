@@ -18,12 +18,17 @@ collectives the ranks perform anyway:
 A dead peer makes the next collective raise, but a stalled peer blocks it forever, and another
 collective after a failure may hang (DESIGN §7). So any failure ends the runner
 (GroupBrokenError), and a watchdog ends it when a step makes no progress for step_timeout_s.
-MLX's eval releases the GIL while it waits, so the watchdog thread does run meanwhile.
+MLX's eval and `item()` release the GIL while they wait, so the watchdog thread usually runs
+and reports a clear reason; but some MLX calls wait holding the GIL (`mx.clear_cache()`, which
+mlx-lm calls after the first token, blocks behind a stalled collective), so the watchdog also
+keeps `faulthandler`'s native timer (a C thread) armed a little later: it dumps the stacks and
+exits with code 1 when no Python thread can run any more.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import threading
 import time
@@ -38,6 +43,10 @@ from shoal_worker.runner.mlx_bindings import GENERATION_STREAM, Sampler, evaluat
 logger = logging.getLogger(__name__)
 
 _WATCH_INTERVAL_S: Final = 0.25
+# The native backstop fires this long after the Python watchdog would have, and is re-armed
+# only when the deadline moved by more than _REARM_S (re-arming starts a C thread).
+_NATIVE_GRACE_S: Final = 3.0
+_REARM_S: Final = 1.0
 _AGREEMENT_FIELDS: Final = 3
 
 TaskAgreement = Literal["run", "cancelled", "failed"]
@@ -62,7 +71,9 @@ class Watchdog:
 
     @contextlib.contextmanager
     def guard(self, phase: str, timeout_s: float) -> Generator[None, None, None]:
+        """Guard a phase; guards nest, and leaving one re-arms the enclosing one afresh."""
         with self._lock:
+            enclosing = (self._phase, self._timeout_s)
             self._phase = phase
             self._timeout_s = timeout_s
             self._last_progress = time.monotonic()
@@ -70,25 +81,37 @@ class Watchdog:
             yield
         finally:
             with self._lock:
-                self._phase = None
+                self._phase, self._timeout_s = enclosing
+                self._last_progress = time.monotonic()
 
     def progress(self) -> None:
         # Called once per token: a float store is atomic under the GIL, no lock needed.
         self._last_progress = time.monotonic()
 
     def _watch(self) -> None:
+        native_deadline: float | None = None
         while True:
             time.sleep(_WATCH_INTERVAL_S)
             with self._lock:
                 phase = self._phase
                 timeout_s = self._timeout_s
-                overdue = time.monotonic() - self._last_progress > timeout_s
-            if phase is not None and overdue:
+                last_progress = self._last_progress
+            now = time.monotonic()
+            if phase is None:
+                if native_deadline is not None:
+                    faulthandler.cancel_dump_traceback_later()
+                    native_deadline = None
+                continue
+            if now - last_progress > timeout_s:
                 self._on_expiry(
                     f"no progress for {timeout_s:g} s while {phase}: a rank of the ring group"
                     " has stalled or died"
                 )
                 return
+            deadline = last_progress + timeout_s + _NATIVE_GRACE_S
+            if native_deadline is None or abs(deadline - native_deadline) > _REARM_S:
+                faulthandler.dump_traceback_later(deadline - now, exit=True)
+                native_deadline = deadline
 
 
 @final

@@ -1,0 +1,90 @@
+"""Several real nodes: discovery, one master, the same state everywhere, failover."""
+
+import time
+from pathlib import Path
+
+from .cluster_harness import ClusterNode, cluster, wait_until
+
+
+def views(nodes: list[ClusterNode]) -> list[tuple[str | None, int, frozenset[str]]]:
+    result: list[tuple[str | None, int, frozenset[str]]] = []
+    for node in nodes:
+        state = node.state()
+        result.append((state["master_node_id"], state["term"], frozenset(state["nodes"])))
+    return result
+
+
+def agreed(nodes: list[ClusterNode], expected: int) -> bool:
+    seen = views(nodes)
+    return len(set(seen)) == 1 and len(seen[0][2]) == expected and seen[0][0] is not None
+
+
+def test_three_nodes_find_each_other_and_agree_on_one_master(tmp_path: Path) -> None:
+    with cluster(tmp_path, 3) as nodes:
+        for node in nodes:
+            node.start()
+        took = wait_until("three nodes agreeing", 60, lambda: agreed(nodes, 3), nodes)
+        print(f"three nodes agreed on one master in {took:.1f}s after start")
+        master, term, members = views(nodes)[0]
+        assert members == {node.node_id() for node in nodes}
+        assert master in members
+        assert term >= 1
+
+
+def test_master_failover_keeps_state_and_instances(tmp_path: Path) -> None:
+    with cluster(tmp_path, 3) as nodes:
+        for node in nodes:
+            node.start()
+        wait_until("three nodes agreeing", 60, lambda: agreed(nodes, 3), nodes)
+        master_id, term, _ = views(nodes)[0]
+        master = next(node for node in nodes if node.node_id() == master_id)
+        survivors = [node for node in nodes if node is not master]
+        placed = survivors[0].http(
+            "POST",
+            "/instance",
+            {"model_id": "smollm2-135m", "node_ids": [survivors[0].node_id()]},
+        )
+        instance_id = placed["instance_id"]
+
+        def ready() -> bool:
+            runners = survivors[1].state()["runners"]
+            return any(runner["status"]["status"] == "ready" for runner in runners.values())
+
+        wait_until("the instance to be ready", 120, ready, nodes)
+        question = {
+            "model": "smollm2-135m",
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        }
+
+        master.kill()
+        killed_at = time.monotonic()
+
+        def new_master() -> bool:
+            seen = views(survivors)
+            return len(set(seen)) == 1 and seen[0][0] not in (None, master_id) and seen[0][1] > term
+
+        wait_until("a new master", 30, new_master, survivors)
+        failover = time.monotonic() - killed_at
+        print(f"new master active {failover:.1f}s after kill -9 of the old one")
+        assert failover < 3 + 2  # 3 s to elect, plus how often this test polls over curl
+
+        for node in survivors:
+            answer = node.http("POST", "/v1/chat/completions", question)
+            assert "choices" in answer, answer
+        assert "Paris" in answer["choices"][0]["message"]["content"], answer
+        assert set(survivors[0].state()["instances"]) == {instance_id}, "no re-placement"
+        wait_until(
+            "the dead node to leave state",
+            15,
+            lambda: master_id not in survivors[0].state()["nodes"],
+            nodes,
+        )
+
+        master.start()
+        wait_until("the restarted node to rejoin", 60, lambda: agreed(nodes, 3), nodes)
+        assert master.node_id() == master_id
+        assert set(master.state()["instances"]) == {instance_id}
+        answer = survivors[1].http("POST", "/v1/chat/completions", question)
+        assert "choices" in answer, answer
+        assert "Paris" in answer["choices"][0]["message"]["content"], answer
