@@ -35,6 +35,7 @@ from shoal_shared.events import (
     LocalOrigin,
     NodeDiscovered,
     NodeLost,
+    RunnerStatusChanged,
 )
 from shoal_shared.frozen import FrozenModel
 from shoal_shared.ids import (
@@ -47,6 +48,7 @@ from shoal_shared.ids import (
 )
 from shoal_shared.instances import Instance
 from shoal_shared.model_card import ModelCard
+from shoal_shared.runner_status import RunnerFailed
 from shoal_shared.state import State
 
 from shoal_master.decisions import FreshIds, decide, instances_touching, membership_changes
@@ -206,6 +208,12 @@ class ActiveMaster:
                 await self._refresh_local_consumers(rejoined=None)
             case NodeDiscovered():
                 await self._refresh_local_consumers(rejoined=event.node_id)
+            case RunnerStatusChanged(status=RunnerFailed()):
+                # A ring group cannot heal one rank alone: its other ranks are stuck in (or
+                # failed) a collective. The whole instance starts over, on the nodes alive.
+                instance = before.instances.get(event.instance_id)
+                if instance is not None and len(instance.shards) > 1:
+                    await self._place_again((instance,))
             case _:
                 await self._refresh_local_consumers(rejoined=None)
 

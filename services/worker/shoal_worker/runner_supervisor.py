@@ -171,6 +171,12 @@ class SupervisedRunner:
             start_layer=self.shard.start_layer,
             end_layer=self.shard.end_layer,
             layer_count=self.instance.layer_count,
+            sharding=self.instance.sharding,
+            ring_hosts=tuple(
+                shard.ring_address
+                for shard in sorted(self.instance.shards, key=lambda shard: shard.rank)
+                if shard.ring_address is not None
+            ),
         )
         process = RunnerProcess()
         await process.start(spec)
