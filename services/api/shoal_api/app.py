@@ -5,6 +5,7 @@ from fastapi import FastAPI
 from shoal_api import cluster, openai_chat, openai_models
 from shoal_api.context import ApiContext
 from shoal_api.errors import install_error_handlers
+from shoal_api.placement_previews import previews_router
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -14,5 +15,7 @@ def create_app(context: ApiContext) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_chat.router(context))
     app.include_router(openai_models.router(context))
+    # Before the cluster routes: /instance/previews must not match /instance/{instance_id}.
+    app.include_router(previews_router(context))
     app.include_router(cluster.router(context))
     return app

@@ -106,3 +106,16 @@ async def test_placement_errors(http: httpx.AsyncClient, fake_master: FakeMaster
     no_master = await http.post("/instance", json={"model_id": BUNDLED_MODEL_ID})
     assert no_master.status_code == 503
     assert no_master.json()["error"]["code"] == "no_master"
+
+
+async def test_previews_list_every_candidate(http: httpx.AsyncClient) -> None:
+    response = await http.get("/instance/previews", params={"model_id": BUNDLED_MODEL_ID})
+    assert response.status_code == 200
+    previews = response.json()["previews"]
+    assert {(p["sharding"], p["node_count"]) for p in previews} == {
+        ("pipeline", 1),
+        ("tensor", 1),
+    }
+    assert all(p["valid"] for p in previews)
+    unknown = await http.get("/instance/previews", params={"model_id": "nope"})
+    assert unknown.status_code == 404
