@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, Final, final
 
@@ -34,7 +34,7 @@ class ClusterNode:
     def address(self) -> str:
         return self.host.address if self.host is not None else "127.0.0.1"
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str, environment: dict[str, str] | None = None) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         argv = [
             sys.executable, "-m", "shoal", "run",
@@ -49,7 +49,8 @@ class ClusterNode:
         if self.host is None:
             argv += ["--no-mdns", "--bind-host", "127.0.0.1", "--peers", self.peers]
         log = (self.home / "node.out").open("ab")
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+        environment = {**clean, **(environment or {})}
         command = self.host.command(argv) if self.host is not None else argv
         self.process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
@@ -115,7 +116,7 @@ def wait_until(
 
 
 @contextlib.contextmanager
-def cluster(base: Path, count: int) -> Iterator[list[ClusterNode]]:
+def cluster(base: Path, count: int) -> Generator[list[ClusterNode]]:
     """`count` nodes, not yet started."""
     hosts: Hosts | None = NetworkNamespaces.create(count) if namespaces_available() else None
     if hosts is None:

@@ -72,7 +72,7 @@ def test_master_failover_keeps_state_and_instances(tmp_path: Path) -> None:
         for node in survivors:
             answer = node.http("POST", "/v1/chat/completions", question)
             assert "choices" in answer, answer
-        assert "Paris" in answer["choices"][0]["message"]["content"], answer
+            assert "Paris" in answer["choices"][0]["message"]["content"], answer
         assert set(survivors[0].state()["instances"]) == {instance_id}, "no re-placement"
         wait_until(
             "the dead node to leave state",
@@ -88,3 +88,27 @@ def test_master_failover_keeps_state_and_instances(tmp_path: Path) -> None:
         answer = survivors[1].http("POST", "/v1/chat/completions", question)
         assert "choices" in answer, answer
         assert "Paris" in answer["choices"][0]["message"]["content"], answer
+
+
+def test_wrong_secret_or_namespace_never_joins(tmp_path: Path) -> None:
+    with cluster(tmp_path, 3) as nodes:
+        insiders, outsider = nodes[:2], nodes[2]
+        for node in insiders:
+            node.start(environment={"SHOAL_CLUSTER_SECRET": "right"})
+        outsider.start(environment={"SHOAL_CLUSTER_SECRET": "wrong"})
+        wait_until("the two insiders agreeing", 60, lambda: agreed(insiders, 2), nodes)
+        wait_until("the outsider to run alone", 60, lambda: agreed([outsider], 1), nodes)
+        time.sleep(3)  # time enough for discovery and a join, if one were possible
+        insider_ids = {node.node_id() for node in insiders}
+        for node in insiders:
+            assert set(node.state()["nodes"]) == insider_ids
+            assert outsider.node_id() not in node.state()["members"]
+        assert set(outsider.state()["nodes"]) == {outsider.node_id()}
+
+        outsider.stop()
+        outsider.start("--namespace", "elsewhere", environment={"SHOAL_CLUSTER_SECRET": "right"})
+        wait_until("the other namespace to run alone", 60, lambda: agreed([outsider], 1), nodes)
+        time.sleep(3)
+        for node in insiders:
+            assert set(node.state()["nodes"]) == insider_ids
+        assert set(outsider.state()["nodes"]) == {outsider.node_id()}
