@@ -116,9 +116,10 @@ def wait_until(
 
 
 @contextlib.contextmanager
-def cluster(base: Path, count: int) -> Generator[list[ClusterNode]]:
-    """`count` nodes, not yet started."""
-    hosts: Hosts | None = NetworkNamespaces.create(count) if namespaces_available() else None
+def cluster(base: Path, count: int, namespaces: bool | None = None) -> Generator[list[ClusterNode]]:
+    """`count` nodes, not yet started; in namespaces when possible (or as `namespaces` says)."""
+    use_namespaces = namespaces_available() if namespaces is None else namespaces
+    hosts: Hosts | None = NetworkNamespaces.create(count) if use_namespaces else None
     if hosts is None:
         print("NOTE: network namespaces unavailable: nodes run on loopback with --peers")
     nodes: list[ClusterNode] = []

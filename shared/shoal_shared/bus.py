@@ -58,8 +58,8 @@ class Bus:
                 continue
             return cls(client)
 
-    def jetstream(self, domain: str | None = None) -> JetStreamContext:
-        return nats_typed.jetstream(self.client)(domain=domain, timeout=5)
+    def jetstream(self, domain: str | None = None, timeout: float = 5) -> JetStreamContext:
+        return nats_typed.jetstream(self.client)(domain=domain, timeout=timeout)
 
     async def publish(self, subject: str, message: BaseModel) -> None:
         await self.client.publish(subject, message.model_dump_json().encode())

@@ -47,7 +47,9 @@ def snapshot_subject(master_node_id: NodeId) -> str:
 
 async def last_snapshot_sequence(bus: Bus, master_node_id: NodeId) -> int:
     """Sequence of the newest snapshot in the master's stream, or 1 (its start) if none."""
-    js = bus.jetstream(domain=master_node_id)
+    # Short: right after an election the leaf link to a new master may still be coming up,
+    # and the caller retries.
+    js = bus.jetstream(domain=master_node_id, timeout=1)
     try:
         message = await js.get_last_msg(
             subjects.GLOBAL_EVENTS_STREAM, snapshot_subject(master_node_id)
@@ -141,7 +143,7 @@ class StateFollower:
         while True:
             try:
                 start = await last_snapshot_sequence(self._bus, master_node_id)
-                js = self._bus.jetstream(domain=master_node_id)
+                js = self._bus.jetstream(domain=master_node_id, timeout=1)
                 self._stream_subscription = await js.subscribe(
                     f"{subjects.global_events(master_node_id)}.>",
                     stream=subjects.GLOBAL_EVENTS_STREAM,

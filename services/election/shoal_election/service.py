@@ -68,6 +68,13 @@ def load_seniority(home: Path) -> float:
         return first_start
 
 
+def advertised_addresses(bind_host: str) -> tuple[str, ...]:
+    """Where peers can reach this node's NATS listeners: where they bind."""
+    if bind_host not in ("0.0.0.0", ""):
+        return (bind_host,)
+    return local_ipv4_addresses(include_loopback=False) or ("127.0.0.1",)
+
+
 @final
 class ElectionService:
     def __init__(self, settings: NodeSettings, node_id: NodeId, bus: Bus) -> None:
@@ -80,7 +87,7 @@ class ElectionService:
         )
         self._election = BullyElection(me, self._terms.load(), ElectionTiming())
         self._outcome: ElectionOutcome | None = None
-        addresses = local_ipv4_addresses(include_loopback=False) or ("127.0.0.1",)
+        addresses = advertised_addresses(settings.bind_host)
         self._advert = PeerAdvert(
             node_id=node_id,
             namespace=settings.namespace,

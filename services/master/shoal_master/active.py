@@ -147,7 +147,7 @@ class ActiveMaster:
                 LocalArrival(node_id=node_id, sequence=sequence, envelope=envelope)
             )
 
-        js = self._bus.jetstream(domain=node_id)
+        js = self._bus.jetstream(domain=node_id, timeout=1)
         try:
             self._local_subscriptions[node_id] = await js.subscribe(
                 subjects.local_events(node_id),

@@ -303,9 +303,10 @@ async def test_killed_rank_makes_the_other_fail_promptly(model_dir: Path) -> Non
             assert await group.runners[0].wait() == 1
         assert time.monotonic() - killed_at < 30
         assert any(isinstance(end, TaskFailed) and end.task_id == request.task_id for end in ends)
-        assert any(
-            isinstance(end, StatusUpdate) and isinstance(end.status, RunnerFailed) for end in ends
-        )
+        statuses = [end.status.status for end in ends if isinstance(end, StatusUpdate)]
+        # Failed, and never ready again on the way: the worker must not send it more work.
+        assert statuses[-1] == "failed"
+        assert "ready" not in statuses
 
 
 @pytest.mark.slow

@@ -87,6 +87,8 @@ class GenerationEngine:
         # Read without the lock on every token: a set lookup is atomic under the GIL.
         self._cancelled: set[TaskId] = set()
         self._shutting_down = False
+        # Set when the ring group broke: the runner is about to report failed, never ready.
+        self._group_broken = False
         self._last_status: RunnerStatus | None = None
 
     def join_group(self, lockstep: RingLockstep) -> None:
@@ -205,11 +207,13 @@ class GenerationEngine:
                 with lockstep.guard(f"generating task {request.task_id}"):
                     self._generate(request, lockstep)
         except GroupBrokenError as error:
+            self._group_broken = True
             self._emit(TaskFailed(task_id=request.task_id, message=str(error)))
             raise
         except Exception as error:
             if lockstep is not None:
                 # The peers may be inside a collective this rank will never join.
+                self._group_broken = True
                 message = f"generation of task {request.task_id} failed on rank {lockstep.rank}"
                 self._emit(TaskFailed(task_id=request.task_id, message=f"{message}: {error}"))
                 raise GroupBrokenError(f"{message}, so the ring group is out of step") from error
@@ -339,7 +343,7 @@ class GenerationEngine:
             pass
 
     def _publish_activity_locked(self) -> None:
-        if self._model is None:
+        if self._model is None or self._group_broken:
             return
         active_tasks = len(self._queue) + (self._current_task_id is not None)
         status = RunnerRunning(active_tasks=active_tasks) if active_tasks else RunnerReady()

@@ -58,7 +58,13 @@ class GroupBrokenError(Exception):
 
 @final
 class Watchdog:
-    """Calls `on_expiry` (which ends the process) when a guarded phase stops progressing."""
+    """Ends the process when a guarded phase stops progressing.
+
+    Twice over: its thread calls `on_expiry` (which reports why, then exits) after the
+    phase's timeout, and `faulthandler`'s native timer, kept a grace period later, exits
+    even when no Python thread can run. The guard itself arms the native timer, so a phase
+    that blocks holding the GIL from its first instant is covered too.
+    """
 
     def __init__(self, on_expiry: Callable[[str], None]) -> None:
         self._on_expiry = on_expiry
@@ -66,6 +72,7 @@ class Watchdog:
         self._phase: str | None = None
         self._timeout_s = 0.0
         self._last_progress = time.monotonic()
+        self._native_deadline: float | None = None
         self._thread = threading.Thread(target=self._watch, name="ring-watchdog", daemon=True)
         self._thread.start()
 
@@ -74,44 +81,52 @@ class Watchdog:
         """Guard a phase; guards nest, and leaving one re-arms the enclosing one afresh."""
         with self._lock:
             enclosing = (self._phase, self._timeout_s)
-            self._phase = phase
-            self._timeout_s = timeout_s
-            self._last_progress = time.monotonic()
+            self._arm_locked(phase, timeout_s)
         try:
             yield
         finally:
             with self._lock:
-                self._phase, self._timeout_s = enclosing
-                self._last_progress = time.monotonic()
+                self._arm_locked(*enclosing)
 
     def progress(self) -> None:
         # Called once per token: a float store is atomic under the GIL, no lock needed.
         self._last_progress = time.monotonic()
 
+    def _arm_locked(self, phase: str | None, timeout_s: float) -> None:
+        self._phase = phase
+        self._timeout_s = timeout_s
+        self._last_progress = time.monotonic()
+        if phase is None:
+            faulthandler.cancel_dump_traceback_later()
+            self._native_deadline = None
+        else:
+            self._arm_native_locked(self._last_progress + timeout_s + _NATIVE_GRACE_S)
+
+    def _arm_native_locked(self, deadline: float) -> None:
+        faulthandler.dump_traceback_later(max(0.0, deadline - time.monotonic()), exit=True)
+        self._native_deadline = deadline
+
     def _watch(self) -> None:
-        native_deadline: float | None = None
         while True:
             time.sleep(_WATCH_INTERVAL_S)
             with self._lock:
                 phase = self._phase
                 timeout_s = self._timeout_s
                 last_progress = self._last_progress
-            now = time.monotonic()
-            if phase is None:
-                if native_deadline is not None:
-                    faulthandler.cancel_dump_traceback_later()
-                    native_deadline = None
-                continue
-            if now - last_progress > timeout_s:
-                self._on_expiry(
-                    f"no progress for {timeout_s:g} s while {phase}: a rank of the ring group"
-                    " has stalled or died"
-                )
-                return
-            deadline = last_progress + timeout_s + _NATIVE_GRACE_S
-            if native_deadline is None or abs(deadline - native_deadline) > _REARM_S:
-                faulthandler.dump_traceback_later(deadline - now, exit=True)
-                native_deadline = deadline
+                if phase is None:
+                    continue
+                if time.monotonic() - last_progress <= timeout_s:
+                    # Progress moves the native deadline on (re-arming starts a C thread,
+                    # so only once it moved by more than _REARM_S).
+                    deadline = last_progress + timeout_s + _NATIVE_GRACE_S
+                    if abs(deadline - (self._native_deadline or 0.0)) > _REARM_S:
+                        self._arm_native_locked(deadline)
+                    continue
+            self._on_expiry(
+                f"no progress for {timeout_s:g} s while {phase}: a rank of the ring group"
+                " has stalled or died"
+            )
+            return
 
 
 @final

@@ -1,0 +1,158 @@
+"""A model split across real nodes: pipeline on 2, tensor on 3, equal to one node's output;
+a pipeline node killed mid-stream."""
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .cluster_harness import ClusterNode, cluster, wait_until
+
+PROMPTS = (
+    "What is the capital of France?",
+    "Name three colours.",
+    "Write one sentence about the sea.",
+)
+
+
+def agreed(nodes: list[ClusterNode]) -> bool:
+    views = {
+        (state["master_node_id"], state["term"], frozenset(state["nodes"]))
+        for state in (node.state() for node in nodes)
+    }
+    return len(views) == 1 and len(next(iter(views))[2]) == len(nodes)
+
+
+def place(node: ClusterNode, body: dict[str, Any], nodes: list[ClusterNode]) -> str:
+    placed = node.http("POST", "/instance", body)
+    assert "instance_id" in placed, placed
+    instance_id: str = placed["instance_id"]
+
+    def ready() -> bool:
+        state = node.state()
+        instance = state["instances"].get(instance_id)
+        if instance is None:
+            return False
+        statuses = [state["runners"].get(shard["runner_id"]) for shard in instance["shards"]]
+        return all(s is not None and s["status"]["status"] == "ready" for s in statuses)
+
+    wait_until(f"instance {body} to be ready", 180, ready, nodes)
+    return instance_id
+
+
+def answers(node: ClusterNode) -> list[tuple[str, int]]:
+    results: list[tuple[str, int]] = []
+    for prompt in PROMPTS:
+        reply = node.http(
+            "POST",
+            "/v1/chat/completions",
+            {
+                "model": "smollm2-135m",
+                "temperature": 0,
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": prompt}],
+            },
+            timeout=120,
+        )
+        assert "choices" in reply, reply
+        results.append(
+            (reply["choices"][0]["message"]["content"], reply["usage"]["completion_tokens"])
+        )
+    return results
+
+
+def test_pipeline_and_tensor_equal_single_node_output(tmp_path: Path) -> None:
+    with cluster(tmp_path, 3) as nodes:
+        for node in nodes:
+            node.start()
+        wait_until("three nodes agreeing", 90, lambda: agreed(nodes), nodes)
+        ids = [node.node_id() for node in nodes]
+        entry = nodes[0]
+
+        single = place(entry, {"model_id": "smollm2-135m", "node_ids": ids[:1]}, nodes)
+        expected = answers(entry)
+        entry.http("DELETE", f"/instance/{single}")
+
+        previews = entry.http("GET", "/instance/previews?model_id=smollm2-135m")["previews"]
+        two_tensor = [p for p in previews if p["sharding"] == "tensor" and p["node_count"] == 2]
+        assert not two_tensor[0]["valid"]
+        assert "do not both divide by 2" in two_tensor[0]["reason"]
+
+        pipeline = place(
+            entry, {"model_id": "smollm2-135m", "sharding": "pipeline", "node_ids": ids[:2]}, nodes
+        )
+        assert answers(nodes[2]) == expected
+        entry.http("DELETE", f"/instance/{pipeline}")
+
+        refused = entry.http(
+            "POST",
+            "/instance",
+            {"model_id": "smollm2-135m", "sharding": "tensor", "node_ids": ids[:2]},
+        )
+        assert "divide by 2" in refused["error"]["message"]
+
+        place(entry, {"model_id": "smollm2-135m", "sharding": "tensor", "node_ids": ids}, nodes)
+        assert answers(nodes[1]) == expected
+
+
+def test_killing_a_pipeline_node_mid_stream(tmp_path: Path) -> None:
+    with cluster(tmp_path, 3) as nodes:
+        for node in nodes:
+            node.start()
+        wait_until("three nodes agreeing", 90, lambda: agreed(nodes), nodes)
+        master_id = nodes[0].state()["master_node_id"]
+        workers = [node for node in nodes if node.node_id() != master_id]
+        entry = next(node for node in nodes if node.node_id() == master_id)
+        victim = workers[1]
+        first = place(
+            entry,
+            {"model_id": "smollm2-135m", "node_ids": [workers[0].node_id(), victim.node_id()]},
+            nodes,
+        )
+        body = json.dumps(
+            {
+                "model": "smollm2-135m",
+                "temperature": 0,
+                "max_tokens": 300,
+                "stream": True,
+                "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+            }
+        )
+        url = f"http://{entry.address}:{entry.api_port}/v1/chat/completions"
+        argv = ["curl", "-sN", "-m", "120", "-H", "content-type: application/json", "-d", body, url]
+        command = entry.host.command(argv) if entry.host is not None else argv
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as stream:
+            assert stream.stdout is not None
+            lines: list[str] = []
+            for line in stream.stdout:
+                lines.append(line)
+                if sum('"content"' in seen for seen in lines) == 3:
+                    victim.kill()
+            stream.wait()
+        events = [
+            line.removeprefix("data: ").strip() for line in lines if line.startswith("data: ")
+        ]
+        assert any('"error"' in event for event in events), events[-3:]
+        assert "[DONE]" not in events
+
+        def replaced() -> bool:
+            instances = entry.state()["instances"]
+            return bool(instances) and first not in instances
+
+        wait_until("the instance to be placed again", 60, replaced, nodes)
+        (instance,) = entry.state()["instances"].values()
+        assert victim.node_id() not in [shard["node_id"] for shard in instance["shards"]]
+
+        def answered() -> bool:
+            reply = entry.http(
+                "POST",
+                "/v1/chat/completions",
+                {
+                    "model": "smollm2-135m",
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": PROMPTS[0]}],
+                },
+            )
+            return "Paris" in reply.get("choices", [{}])[0].get("message", {}).get("content", "")
+
+        wait_until("an answer from the new instance", 180, answered, nodes)
