@@ -25,6 +25,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from shoal_shared.bus import Bus
 from shoal_shared.events import NodeTelemetryUpdated
 from shoal_shared.ids import NodeId
@@ -135,7 +137,13 @@ async def throughput_and_latency(base: Path) -> dict[str, float]:
 
         await responder.subscribe("bench.echo", echo)
         await responder.client.flush()
-        await asyncio.sleep(0.5)  # interest crosses the leaf links
+        # Interest crosses the leaf links within moments: wait for the first answer.
+        for _ in range(100):
+            try:
+                await requester.client.request("bench.echo", b"x", timeout=1)
+                break
+            except (NoRespondersError, NatsTimeoutError):
+                await asyncio.sleep(0.1)
         round_trips: list[float] = []
         for _ in range(500):
             sent = time.perf_counter()
@@ -157,6 +165,7 @@ def main() -> None:
     results: dict[str, Any] = {"namespaces": namespaces_available()}
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as scratch:
         results["control_plane"] = control_plane(Path(scratch) / "a")
+    print(json.dumps(results, indent=2), flush=True)
     with tempfile.TemporaryDirectory(prefix="shoal-bench-") as scratch:
         results["data_plane_loopback"] = asyncio.run(throughput_and_latency(Path(scratch) / "b"))
     print(json.dumps(results, indent=2))
