@@ -61,37 +61,40 @@ def answers(node: ClusterNode) -> list[tuple[str, int]]:
     return results
 
 
-def test_pipeline_and_tensor_equal_single_node_output(tmp_path: Path) -> None:
-    with cluster(tmp_path, 3) as nodes:
-        for node in nodes:
-            node.start()
-        wait_until("three nodes agreeing", 90, lambda: agreed(nodes), nodes)
-        ids = [node.node_id() for node in nodes]
+def started_cluster_and_single_node_answers(
+    nodes: list[ClusterNode],
+) -> tuple[list[str], list[tuple[str, int]]]:
+    for node in nodes:
+        node.start()
+    wait_until("the nodes agreeing", 90, lambda: agreed(nodes), nodes)
+    ids = [node.node_id() for node in nodes]
+    single = place(nodes[0], {"model_id": "smollm2-135m", "node_ids": ids[:1]}, nodes)
+    expected = answers(nodes[0])
+    nodes[0].http("DELETE", f"/instance/{single}")
+    return ids, expected
+
+
+def test_pipeline_on_two_nodes_equals_single_node_output(tmp_path: Path) -> None:
+    with cluster(tmp_path, 2) as nodes:
+        ids, expected = started_cluster_and_single_node_answers(nodes)
         entry = nodes[0]
-
-        single = place(entry, {"model_id": "smollm2-135m", "node_ids": ids[:1]}, nodes)
-        expected = answers(entry)
-        entry.http("DELETE", f"/instance/{single}")
-
         previews = entry.http("GET", "/instance/previews?model_id=smollm2-135m")["previews"]
         two_tensor = [p for p in previews if p["sharding"] == "tensor" and p["node_count"] == 2]
         assert not two_tensor[0]["valid"]
         assert "do not both divide by 2" in two_tensor[0]["reason"]
-
-        pipeline = place(
-            entry, {"model_id": "smollm2-135m", "sharding": "pipeline", "node_ids": ids[:2]}, nodes
-        )
-        assert answers(nodes[2]) == expected
-        entry.http("DELETE", f"/instance/{pipeline}")
-
         refused = entry.http(
-            "POST",
-            "/instance",
-            {"model_id": "smollm2-135m", "sharding": "tensor", "node_ids": ids[:2]},
+            "POST", "/instance", {"model_id": "smollm2-135m", "sharding": "tensor", "node_ids": ids}
         )
         assert "divide by 2" in refused["error"]["message"]
 
-        place(entry, {"model_id": "smollm2-135m", "sharding": "tensor", "node_ids": ids}, nodes)
+        place(entry, {"model_id": "smollm2-135m", "sharding": "pipeline", "node_ids": ids}, nodes)
+        assert answers(nodes[1]) == expected
+
+
+def test_tensor_on_three_nodes_equals_single_node_output(tmp_path: Path) -> None:
+    with cluster(tmp_path, 3) as nodes:
+        ids, expected = started_cluster_and_single_node_answers(nodes)
+        place(nodes[0], {"model_id": "smollm2-135m", "sharding": "tensor", "node_ids": ids}, nodes)
         assert answers(nodes[1]) == expected
 
 

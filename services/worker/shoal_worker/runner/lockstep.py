@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import logging
 import threading
 import time
 import zlib
@@ -39,8 +38,6 @@ from typing import Final, Literal, cast, final
 import mlx.core as mx
 
 from shoal_worker.runner.mlx_bindings import GENERATION_STREAM, Sampler, evaluate
-
-logger = logging.getLogger(__name__)
 
 _WATCH_INTERVAL_S: Final = 0.25
 # The native backstop fires this long after the Python watchdog would have, and is re-armed

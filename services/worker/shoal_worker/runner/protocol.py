@@ -39,9 +39,10 @@ class RunnerSpec(FrozenModel):
     connect_timeout_s: float = Field(default=60.0, gt=0)
     # How long a loaded rank waits for the slowest rank of its group to finish loading.
     peer_load_timeout_s: float = Field(default=600.0, gt=0)
-    # The longest a generation step (a prefill chunk or one token) may take before the rank
-    # declares its group stalled: a stalled or half-dead peer otherwise blocks it forever.
-    step_timeout_s: float = Field(default=120.0, gt=0)
+    # The longest a generation step may take before the rank declares its group stalled: a
+    # stalled or half-dead peer otherwise blocks it forever. A step is one token, or one
+    # prefill chunk of up to 2048 tokens, which takes minutes on a slow CPU.
+    step_timeout_s: float = Field(default=300.0, gt=0)
 
 
 # Worker -> runner.
