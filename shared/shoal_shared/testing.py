@@ -1,8 +1,14 @@
-"""Small builders of valid shared objects, for the tests of every package."""
+"""Small builders of valid shared objects, and a real broker, for the tests of every package."""
 
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+
+from shoal_shared.broker import Broker
 from shoal_shared.events import Event, IndexedEvent, LocalOrigin
 from shoal_shared.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
 from shoal_shared.instances import Instance, ShardAssignment
+from shoal_shared.settings import NodeSettings
 from shoal_shared.tasks import ChatMessage, ChatTask, SamplingParameters
 from shoal_shared.telemetry import NodeTelemetry
 
@@ -56,3 +62,15 @@ def indexed(
     index: int, event: Event, term: int = 1, origin: LocalOrigin | None = None
 ) -> IndexedEvent:
     return IndexedEvent(index=index, term=term, event=event, origin=origin)
+
+
+@contextlib.asynccontextmanager
+async def running_broker(settings: NodeSettings, node_id: NodeId) -> AsyncGenerator[None, None]:
+    """A real nats-server (the node's broker) for the duration of the block."""
+    broker = Broker(settings, node_id)
+    running = asyncio.create_task(broker.run())
+    try:
+        yield
+    finally:
+        await broker.stop()
+        await running

@@ -20,7 +20,6 @@ from nats.errors import Error as NatsError
 from pydantic import TypeAdapter
 from shoal_shared import streams, subjects
 from shoal_shared.apply import apply
-from shoal_shared.broker import Broker
 from shoal_shared.bus import Bus
 from shoal_shared.chunks import Chunk, FinishChunk, TokenChunk, Usage
 from shoal_shared.commands import (
@@ -152,17 +151,6 @@ def ready_cluster(
             runner_id=runner_id, instance_id=instance_id, node_id=node_id, status=RunnerReady()
         ),
     )
-
-
-@contextlib.asynccontextmanager
-async def running_broker(settings: NodeSettings, node_id: NodeId) -> AsyncGenerator[None, None]:
-    broker = Broker(settings, node_id)
-    running = asyncio.create_task(broker.run())
-    try:
-        yield
-    finally:
-        await broker.stop()
-        await running
 
 
 @contextlib.asynccontextmanager

@@ -18,12 +18,12 @@ from shoal_api.testing import (
     cards_for_tests,
     node_settings,
     ready_cluster,
-    running_broker,
     serving,
 )
 from shoal_shared.bus import Bus
 from shoal_shared.follower import StateFollower
 from shoal_shared.settings import NodeSettings
+from shoal_shared.testing import running_broker
 
 # Short, so that the timeout test is quick; long enough that a disconnect is noticed first.
 CHUNK_TIMEOUT_SECONDS = 3.0

@@ -17,7 +17,6 @@ from shoal_api.testing import (
     cards_for_tests,
     node_settings,
     ready_cluster,
-    running_broker,
     token_chunks,
 )
 from shoal_shared.bus import Bus
@@ -26,6 +25,7 @@ from shoal_shared.ids import InstanceId, NodeId, RunnerId
 from shoal_shared.node_identity import load_or_create_node_id
 from shoal_shared.settings import NodeSettings
 from shoal_shared.tasks import ChatTask
+from shoal_shared.testing import running_broker
 
 
 async def health(http: httpx.AsyncClient) -> httpx.Response:

@@ -19,7 +19,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 from pydantic import TypeAdapter, ValidationError
 from shoal_shared import subjects
-from shoal_shared.apply import apply
+from shoal_shared.apply import StaleTermError, apply
 from shoal_shared.bus import Bus
 from shoal_shared.commands import (
     Command,
@@ -110,6 +110,12 @@ class ActiveMaster:
         logged = await self._store.open()
         if (logged.term, logged.last_index) > (self._state.term, self._state.last_index):
             self._state = logged
+        if self._state.term > self.term:
+            # A deposed master that restarted with its old term: the log already belongs to
+            # a newer one, so it must not append (followers would reject it anyway).
+            raise StaleTermError(
+                f"term {self.term} is older than the log's term {self._state.term}; not appending"
+            )
         # A snapshot opens every term: readers start there instead of replaying history.
         await self._store.snapshot(self.term, self._state.model_copy(update={"term": self.term}))
         self._state = self._state.model_copy(update={"term": self.term})
@@ -189,7 +195,7 @@ class ActiveMaster:
             if isinstance(arrival, LocalArrival):
                 await self._index_local(arrival)
             else:
-                reply = await self._handle(arrival.command)
+                reply = await self.handle_command(arrival.command)
                 await self._bus.reply(arrival.message, reply)
             await self._place_default_model()
 
@@ -241,10 +247,10 @@ class ActiveMaster:
 
     async def _place_again(self, instances: tuple[Instance, ...]) -> None:
         for instance in instances:
-            await self._handle(
+            await self.handle_command(
                 DeleteInstance(command_id=new_command_id(), instance_id=instance.instance_id)
             )
-            reply = await self._handle(
+            reply = await self.handle_command(
                 PlaceInstance(
                     command_id=new_command_id(),
                     model_id=instance.model_id,
@@ -253,7 +259,7 @@ class ActiveMaster:
             )
             logger.info("placed %s again after a node loss: %s", instance.model_id, reply)
 
-    async def _handle(self, command: Command) -> CommandReply:
+    async def handle_command(self, command: Command) -> CommandReply:
         remembered = self._replies.get(command.command_id)
         if remembered is not None:
             return remembered
@@ -287,7 +293,7 @@ class ActiveMaster:
         self._default_model_id = None
         if any(instance.model_id == model_id for instance in self._state.instances.values()):
             return
-        reply = await self._handle(
+        reply = await self.handle_command(
             PlaceInstance(command_id=new_command_id(), model_id=model_id, node_ids=(self._node_id,))
         )
         logger.info("default model %s: %s", model_id, reply.outcome)

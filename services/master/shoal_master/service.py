@@ -5,6 +5,7 @@ import functools
 import logging
 from typing import Final
 
+from shoal_shared.apply import StaleTermError
 from shoal_shared.bus import Bus
 from shoal_shared.follower import StateFollower
 from shoal_shared.ids import ModelId, NodeId
@@ -50,10 +51,17 @@ async def run_master(settings: NodeSettings) -> None:
                 logger.info("stepped down")
             if elected_term is not None and active is None:
                 live_peers = functools.partial(live_peers_in_term, follower, node_id, elected_term)
-                active = ActiveMaster(
+                candidate = ActiveMaster(
                     bus, node_id, elected_term, follower.state, cards, default_model, live_peers
                 )
-                await active.start()
+                try:
+                    await candidate.start()
+                except StaleTermError as error:
+                    logger.error("%s", error)
+                    await candidate.stop()
+                    await asyncio.sleep(1)
+                    continue
+                active = candidate
                 default_model = None
             await asyncio.sleep(OUTCOME_POLL_SECONDS)
     finally:
