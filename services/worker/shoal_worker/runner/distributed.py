@@ -180,6 +180,15 @@ def _rendezvous(spec: RunnerSpec, deadline: float, abort: threading.Event) -> No
     thread.start()
     try:
         _greet_right_neighbour(spec.ring_hosts[right], right, mine, deadline, abort)
+    except RingFormationError as error:
+        acceptor.stop()
+        if acceptor.rejected is None:
+            raise
+        # The left neighbour was turned away too: that says more than a timeout would.
+        left = (spec.rank - 1) % spec.world_size
+        raise RingFormationError(
+            f"{error}; and rank {left} was turned away: {acceptor.rejected}"
+        ) from error
     except BaseException:
         acceptor.stop()
         raise
@@ -240,12 +249,13 @@ class _LeftNeighbourAcceptor:
         self._stopped = threading.Event()
         self.done = False
         self.failure: str | None = None
+        # Why the last connection was turned away, if one was.
+        self.rejected: str | None = None
 
     def stop(self) -> None:
         self._stopped.set()
 
     def run(self) -> None:
-        rejected: str | None = None
         # A stray or stale connection is turned away and the wait goes on: the right peer
         # may still come before the deadline.
         while (remaining := self._deadline - time.monotonic()) > 0:
@@ -264,7 +274,7 @@ class _LeftNeighbourAcceptor:
                     hello = _Hello.decode(_read_line(connection))
                 except OSError:
                     continue
-                rejected = self._problem_with(hello)
+                rejected = self.rejected = self._problem_with(hello)
                 # Close the listener before saying ok: MLX binds this port next. (Should the
                 # ok not arrive, the neighbour times out and reports failed.)
                 if rejected is None:
@@ -277,8 +287,8 @@ class _LeftNeighbourAcceptor:
         left = self._spec.ring_hosts[self._left]
         self.failure = (
             f"rank {self._left} (at {left}) did not connect within the connect deadline"
-            if rejected is None
-            else f"no valid hello from rank {self._left} (at {left}): {rejected}"
+            if self.rejected is None
+            else f"no valid hello from rank {self._left} (at {left}): {self.rejected}"
         )
 
     def _problem_with(self, hello: _Hello | None) -> str | None:
