@@ -6,6 +6,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .cluster_harness import ClusterNode, cluster, wait_until
 
 PROMPTS = (
@@ -91,6 +93,7 @@ def test_pipeline_on_two_nodes_equals_single_node_output(tmp_path: Path) -> None
         assert answers(nodes[1]) == expected
 
 
+@pytest.mark.slow  # three ranks on two cores decode ~1 token/s: minutes
 def test_tensor_on_three_nodes_equals_single_node_output(tmp_path: Path) -> None:
     with cluster(tmp_path, 3) as nodes:
         ids, expected = started_cluster_and_single_node_answers(nodes)
@@ -139,12 +142,16 @@ def test_killing_a_pipeline_node_mid_stream(tmp_path: Path) -> None:
         assert "[DONE]" not in events
 
         def replaced() -> bool:
-            instances = entry.state()["instances"]
-            return bool(instances) and first not in instances
+            # The surviving rank's failure may re-place the instance before the election
+            # declares the victim lost (1.5 s); that placement is replaced again then.
+            instances = list(entry.state()["instances"].values())
+            return (
+                len(instances) == 1
+                and instances[0]["instance_id"] != first
+                and victim.node_id() not in [s["node_id"] for s in instances[0]["shards"]]
+            )
 
-        wait_until("the instance to be placed again", 60, replaced, nodes)
-        (instance,) = entry.state()["instances"].values()
-        assert victim.node_id() not in [shard["node_id"] for shard in instance["shards"]]
+        wait_until("the instance to be placed again without the victim", 60, replaced, nodes)
 
         def answered() -> bool:
             reply = entry.http(
