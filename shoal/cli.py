@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from pydantic import ValidationError
 from shoal_shared.service_runtime import ServiceMain, run_service
 from shoal_shared.settings import NodeSettings, SettingsError, resolve_settings
 
@@ -99,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     command: str = flags.pop("command") or "run"
     try:
         settings: NodeSettings = resolve_settings(flags)
-    except (SettingsError, ValueError) as error:
-        sys.exit(f"shoal: {error}".splitlines()[0])
+    except ValidationError as error:
+        first = error.errors()[0]
+        setting = ".".join(str(part) for part in first["loc"])
+        sys.exit(f"shoal: bad {setting} {first.get('input')!r}: {first['msg']}")
+    except SettingsError as error:
+        sys.exit(f"shoal: {error}")
     run_service(command if command != "run" else "shoal", _service_main(command), settings)
