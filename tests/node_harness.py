@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import IO, Any, Final, final
 
@@ -153,3 +153,18 @@ class RunningNode:
         if self._log is not None:
             self._log.close()
         return process.returncode
+
+
+@contextlib.contextmanager
+def started_node(
+    home: Path, *arguments: str, until: Callable[[RunningNode], None] = RunningNode.wait_ready
+) -> Generator[RunningNode]:
+    """A node started in `home`, handed over once `until` returns; it must stop cleanly."""
+    running = RunningNode(home, *arguments)
+    running.start()
+    try:
+        until(running)
+        yield running
+    finally:
+        returncode = running.stop()
+        assert returncode in (0, -signal.SIGTERM), running.tail()

@@ -6,19 +6,18 @@ from typing import Any
 import httpx
 import pytest
 
-from .node_harness import RunningNode
+from .node_harness import RunningNode, started_node
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
-    running = RunningNode(tmp_path_factory.mktemp("lifecycle") / "home", "--no-default-model")
-    running.start()
-    try:
+    def api_up(running: RunningNode) -> None:
         running.wait_until("the API", 60, lambda n: n.get("/healthz").status_code == 200)
         running.wait_until("this node in state", 30, lambda n: len(n.state()["nodes"]) == 1)
+
+    home = tmp_path_factory.mktemp("lifecycle") / "home"
+    with started_node(home, "--no-default-model", until=api_up) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def chat(node: RunningNode) -> httpx.Response:

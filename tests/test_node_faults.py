@@ -7,20 +7,15 @@ import openai
 import psutil
 import pytest
 
-from .node_harness import RunningNode
+from .node_harness import RunningNode, started_node
 
 LONG_PROMPT = "Write a long story about a lighthouse keeper and the sea, in many paragraphs."
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
-    running = RunningNode(tmp_path_factory.mktemp("faults") / "home")
-    running.start()
-    try:
-        running.wait_ready()
+    with started_node(tmp_path_factory.mktemp("faults") / "home") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def client_for(node: RunningNode) -> openai.OpenAI:
@@ -30,17 +25,19 @@ def client_for(node: RunningNode) -> openai.OpenAI:
 
 
 def ask_capital(node: RunningNode) -> str:
-    completion = client_for(node).chat.completions.create(
-        model="smollm2-135m",
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        temperature=0,
-    )
+    with client_for(node) as client:
+        completion = client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+        )
     return completion.choices[0].message.content or ""
 
 
 def test_killing_the_runner_mid_stream_ends_the_stream_with_an_error(node: RunningNode) -> None:
     runner = node.descendant("shoal_worker.runner.main")
-    stream = client_for(node).chat.completions.create(
+    client = client_for(node)
+    stream = client.chat.completions.create(
         model="smollm2-135m",
         messages=[{"role": "user", "content": LONG_PROMPT}],
         temperature=0,
@@ -56,7 +53,7 @@ def test_killing_the_runner_mid_stream_ends_the_stream_with_an_error(node: Runni
                 runner.kill()
 
     started = time.monotonic()
-    with pytest.raises(openai.APIError) as raised:
+    with client, pytest.raises(openai.APIError) as raised:
         read_until_the_end()
     assert "".join(received), "the stream delivered text before the kill"
     assert "runner" in str(raised.value).lower()

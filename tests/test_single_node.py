@@ -7,25 +7,22 @@ import httpx
 import openai
 import pytest
 
-from .node_harness import RunningNode
+from .node_harness import RunningNode, started_node
 
 QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
-    running = RunningNode(tmp_path_factory.mktemp("node") / "home")
-    running.start()
-    try:
-        running.wait_ready()
+    with started_node(tmp_path_factory.mktemp("node") / "home") as running:
         yield running
-    finally:
-        assert running.stop() in (0, -15), running.tail()
 
 
 @pytest.fixture
-def client(node: RunningNode) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{node.base_url}/v1", api_key="unused", max_retries=0)
+def client(node: RunningNode) -> Iterator[openai.OpenAI]:
+    # Closed, so no socket is left to the garbage collector (warnings are errors here).
+    with openai.OpenAI(base_url=f"{node.base_url}/v1", api_key="unused", max_retries=0) as opened:
+        yield opened
 
 
 def test_every_service_is_its_own_process(node: RunningNode) -> None:
