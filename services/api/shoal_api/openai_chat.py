@@ -3,6 +3,7 @@
 import asyncio
 import logging
 from collections.abc import AsyncGenerator
+from typing import Final
 
 from fastapi import APIRouter, Request, Response
 from shoal_shared.chunks import TokenChunk
@@ -76,6 +77,11 @@ async def _complete_unless_disconnected(
     return answer.result()
 
 
+# Failures of the chunk transport, not of inference: a non-streamed request retries them.
+RETRIED_TRANSPORT_CODES: Final = frozenset({"chunk_gap", "task_lost"})
+TRANSPORT_ATTEMPTS: Final = 2
+
+
 def router(context: ApiContext) -> APIRouter:
     routes = APIRouter()
 
@@ -90,10 +96,21 @@ def router(context: ApiContext) -> APIRouter:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             renderer = ChunkRenderer(response_id, session.created, body.model)
             return EventStreamResponse(_sse_events(session, renderer, include_usage))
-        try:
-            completion = await _complete_unless_disconnected(request, session)
-        finally:
-            session.close()
+        attempt = 1
+        while True:
+            try:
+                completion = await _complete_unless_disconnected(request, session)
+                break
+            except ApiError as error:
+                # Chunks are core NATS: a leaf link rewired under a new master can drop one.
+                # The client has seen nothing yet, so asking again is invisible to it.
+                if error.code not in RETRIED_TRANSPORT_CODES or attempt >= TRANSPORT_ATTEMPTS:
+                    raise
+            finally:
+                session.close()
+            attempt += 1
+            session = await start_chat(context, card, messages, sampling)
+            response_id = completion_id(session.task.task_id)
         if completion is None:
             # Nobody is listening any more; closing the session cancelled the task.
             return Response(status_code=499)

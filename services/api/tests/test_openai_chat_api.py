@@ -14,6 +14,7 @@ from shoal_api.testing import (
     TEST_NODE_ID,
     TEST_RUNNER_ID,
     FakeMaster,
+    answer_script,
     cards_for_tests,
     token_chunks,
 )
@@ -125,9 +126,22 @@ async def test_a_sequence_gap_fails_the_response(
     error = response.json()["error"]
     assert error["code"] == "chunk_gap"
     assert "never arrived" in error["message"]
-    # The task may still be running somewhere: it is cancelled.
-    [task] = fake_master.submitted()
-    assert await asyncio.wait_for(fake_master.cancelled.get(), 5) == task.task_id
+    # Asked once more (the client had seen nothing), then given up; each task may still be
+    # running somewhere, so each is cancelled.
+    first, second = fake_master.submitted()
+    cancelled = {await asyncio.wait_for(fake_master.cancelled.get(), 5) for _ in range(2)}
+    assert cancelled == {first.task_id, second.task_id}
+
+
+async def test_a_gap_once_is_retried_invisibly(
+    http: httpx.AsyncClient, fake_master: FakeMaster
+) -> None:
+    scripts = iter([gap_script, answer_script])
+    fake_master.script = lambda task: next(scripts)(task)
+    response = await http.post("/v1/chat/completions", json=HELLO)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"]
+    assert len(fake_master.submitted()) == 2
 
 
 async def test_a_sequence_gap_fails_the_stream(
