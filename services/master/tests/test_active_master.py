@@ -1,20 +1,25 @@
 """The active master against a real nats-server: it indexes, answers, and refuses stale terms."""
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from shoal_master.active import ActiveMaster
-from shoal_master.log_store import GlobalLogStore
+from shoal_master.log_store import SNAPSHOT_INTERVAL, GlobalLogStore
 from shoal_shared.apply import StaleTermError
 from shoal_shared.bus import Bus
 from shoal_shared.commands import DeleteInstance, PlaceInstance
+from shoal_shared.events import NodeTelemetryUpdated
+from shoal_shared.follower import last_snapshot_sequence
 from shoal_shared.ids import CommandId, InstanceId, NodeId
 from shoal_shared.model_card import builtin_cards
 from shoal_shared.settings import resolve_settings
 from shoal_shared.state import State
+from shoal_shared.streams import append_local_event
 from shoal_shared.testing import MODEL, running_broker
+from shoal_shared.testing import telemetry as sample_telemetry
 
 NODE = NodeId("node-test-master")
 
@@ -79,3 +84,20 @@ async def test_a_new_term_continues_the_log(bus: Bus) -> None:
     missing = DeleteInstance(command_id=CommandId("c-2"), instance_id=InstanceId("inst-x"))
     assert (await second.handle_command(missing)).outcome == "rejected"
     await second.stop()
+
+
+async def test_snapshots_bound_what_a_reader_replays(bus: Bus) -> None:
+    active = master(bus, 1, State())
+    await active.start()
+    telemetry = NodeTelemetryUpdated(node_id=NODE, telemetry=sample_telemetry())
+    for _ in range(SNAPSHOT_INTERVAL + 20):
+        await append_local_event(bus, NODE, telemetry)
+    for _ in range(1200):  # the master indexes them within seconds
+        if active.state.last_index >= SNAPSHOT_INTERVAL + 10:
+            break
+        await asyncio.sleep(0.05)
+    await active.stop()
+    # A reader starts at the newest snapshot, not at the stream's first message.
+    start = await last_snapshot_sequence(bus, NODE)
+    assert start > SNAPSHOT_INTERVAL
+    assert await GlobalLogStore(bus, NODE).open() == active.state
