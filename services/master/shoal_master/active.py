@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 
 COMMAND: Final[TypeAdapter[Command]] = TypeAdapter(Command)
 REMEMBERED_REPLIES: Final = 4096
-MAX_RUNNERS_PER_INSTANCE: Final = 64
 CONSUMER_REFRESH_SECONDS: Final = 1.0
 
 
@@ -263,9 +262,12 @@ class ActiveMaster:
         remembered = self._replies.get(command.command_id)
         if remembered is not None:
             return remembered
+        # Only a placement hands out ids, at most one runner per node of the cluster; a chat
+        # request (the hot path) draws none.
+        runner_count = len(self._state.nodes) if isinstance(command, PlaceInstance) else 0
         fresh = FreshIds(
             instance_id=new_instance_id(),
-            runner_ids=tuple(new_runner_id() for _ in range(MAX_RUNNERS_PER_INSTANCE)),
+            runner_ids=tuple(new_runner_id() for _ in range(runner_count)),
         )
         decision = decide(self._state, command, self._cards, fresh)
         for event in decision.events:
