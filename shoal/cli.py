@@ -46,6 +46,16 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
         const=False,
         help="do not place the bundled smollm2-135m model at start",
     )
+    group.add_argument(
+        "--offline",
+        action="store_const",
+        const=True,
+        help="use only model files already on this node (SHOAL_OFFLINE, HF_HUB_OFFLINE)",
+    )
+    group.add_argument(
+        "--model-dirs",
+        help="extra read-only model directories, searched first (SHOAL_MODEL_DIRS)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,11 +3,15 @@
 from collections.abc import Mapping
 from typing import TypeVar, assert_never
 
+from shoal_shared.downloads import Download, DownloadFailed, DownloadOngoing, DownloadPending
 from shoal_shared.events import (
+    DownloadRemoved,
+    DownloadUpdated,
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
     MasterElected,
+    ModelAdded,
     NodeDiscovered,
     NodeLost,
     NodeTelemetryUpdated,
@@ -16,6 +20,7 @@ from shoal_shared.events import (
     TaskCreated,
     TaskFinished,
 )
+from shoal_shared.ids import ModelId, NodeId
 from shoal_shared.runner_status import RunnerShutDown
 from shoal_shared.state import NodeInfo, RunnerInfo, State
 
@@ -34,6 +39,25 @@ _Value = TypeVar("_Value")
 
 def _without(mapping: Mapping[_Key, _Value], key: _Key) -> dict[_Key, _Value]:
     return {existing: value for existing, value in mapping.items() if existing != key}
+
+
+def _interrupted(download: Download) -> Download:
+    """A download of a node that left cannot be going on: say so, keep finished records (the
+    files are still on its disk when it comes back)."""
+    if isinstance(download.status, DownloadOngoing | DownloadPending):
+        reason = f"node {download.node_id} left the cluster during the download"
+        return download.model_copy(update={"status": DownloadFailed(reason=reason)})
+    return download
+
+
+def _downloads_after_loss(state: State, node_id: NodeId) -> dict[NodeId, dict[ModelId, Download]]:
+    lost = state.downloads.get(node_id)
+    if lost is None:
+        return state.downloads
+    return {
+        **state.downloads,
+        node_id: {model_id: _interrupted(download) for model_id, download in lost.items()},
+    }
 
 
 def apply(state: State, indexed: IndexedEvent) -> State:
@@ -65,6 +89,7 @@ def _apply_event(state: State, indexed: IndexedEvent) -> State:
                 update={
                     "members": state.members - {event.node_id},
                     "nodes": _without(state.nodes, event.node_id),
+                    "downloads": _downloads_after_loss(state, event.node_id),
                     "runners": {
                         runner_id: runner
                         for runner_id, runner in state.runners.items()
@@ -132,6 +157,25 @@ def _apply_event(state: State, indexed: IndexedEvent) -> State:
                     "tasks": _without(state.tasks, event.task_id),
                     "cancelling": state.cancelling - {event.task_id},
                 }
+            )
+        case DownloadUpdated():
+            download = event.download
+            of_node = {**state.downloads.get(download.node_id, {}), download.model_id: download}
+            return state.model_copy(
+                update={"downloads": {**state.downloads, download.node_id: of_node}}
+            )
+        case DownloadRemoved():
+            remaining = _without(state.downloads.get(event.node_id, {}), event.model_id)
+            downloads = (
+                {**state.downloads, event.node_id: remaining}
+                if remaining
+                else _without(state.downloads, event.node_id)
+            )
+            return state.model_copy(update={"downloads": downloads})
+        case ModelAdded():
+            card = event.card
+            return state.model_copy(
+                update={"added_models": {**state.added_models, card.model_id: card}}
             )
         case _:
             assert_never(event)

@@ -4,9 +4,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from shoal_shared.downloads import Download
 from shoal_shared.frozen import FrozenModel
-from shoal_shared.ids import InstanceId, NodeId, RunnerId, TaskId
+from shoal_shared.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
 from shoal_shared.instances import Instance
+from shoal_shared.model_card import ModelCard
 from shoal_shared.runner_status import RunnerStatus
 from shoal_shared.tasks import Task
 from shoal_shared.telemetry import NodeTelemetry
@@ -76,6 +78,28 @@ class TaskFinished(FrozenModel):
     error: str | None = None
 
 
+class DownloadUpdated(FrozenModel):
+    """A node's files for a model: pending, ongoing (at most about one per second), done."""
+
+    kind: Literal["download_updated"] = "download_updated"
+    download: Download
+
+
+class DownloadRemoved(FrozenModel):
+    """The node deleted its files of the model."""
+
+    kind: Literal["download_removed"] = "download_removed"
+    node_id: NodeId
+    model_id: ModelId
+
+
+class ModelAdded(FrozenModel):
+    """A model beyond the built-in catalogue: added from the hub or imported from a GGUF."""
+
+    kind: Literal["model_added"] = "model_added"
+    card: ModelCard
+
+
 Event = Annotated[
     MasterElected
     | NodeDiscovered
@@ -86,7 +110,10 @@ Event = Annotated[
     | RunnerStatusChanged
     | TaskCreated
     | TaskCancelRequested
-    | TaskFinished,
+    | TaskFinished
+    | DownloadUpdated
+    | DownloadRemoved
+    | ModelAdded,
     Field(discriminator="kind"),
 ]
 

@@ -3,6 +3,7 @@
 import json
 import tomllib
 from collections.abc import Mapping
+from functools import cache
 from importlib import resources
 from typing import Literal
 
@@ -24,8 +25,9 @@ class ModelCard(FrozenModel):
     name: str
     family: str
     architecture: str
-    source: Literal["bundled", "huggingface"]
-    hf_repo: str
+    # "local": imported from a GGUF file on one node; it has no hub repo to fetch from.
+    source: Literal["bundled", "huggingface", "local"]
+    hf_repo: str | None = None
     quantization: str
     layers: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
@@ -44,6 +46,12 @@ class ModelCard(FrozenModel):
                 f"{self.model_id}: {self.attention_heads} attention heads are not a multiple "
                 f"of {self.kv_heads} KV heads"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _hub_models_name_their_repo(self) -> "ModelCard":
+        if self.source == "huggingface" and not self.hf_repo:
+            raise ValueError(f"{self.model_id}: a Hugging Face model needs hf_repo")
         return self
 
     @property
@@ -67,6 +75,7 @@ def parse_card(text: str, origin: str) -> ModelCard:
         raise ModelCardError(f"{origin}: {error}") from error
 
 
+@cache
 def builtin_cards() -> Mapping[ModelId, ModelCard]:
     cards: dict[ModelId, ModelCard] = {}
     for entry in resources.files("shoal_shared.model_cards").iterdir():
@@ -74,3 +83,10 @@ def builtin_cards() -> Mapping[ModelId, ModelCard]:
             card = parse_card(entry.read_text(), entry.name)
             cards[card.model_id] = card
     return cards
+
+
+def all_cards(added: Mapping[ModelId, ModelCard]) -> Mapping[ModelId, ModelCard]:
+    """The built-in catalogue plus the models added at run time (state's `added_models`)."""
+    if not added:
+        return builtin_cards()
+    return {**builtin_cards(), **added}

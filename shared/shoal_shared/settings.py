@@ -39,6 +39,11 @@ class NodeSettings(FrozenModel):
     priority: int = 0
     place_default_model: bool = True
     log_level: str = "INFO"
+    # Use only model files already on this node (HF_HUB_OFFLINE=1 means the same).
+    offline: bool = False
+    # Extra model directories, separated by the OS path separator: searched before the
+    # node's own models directory, read and never written.
+    model_dirs: str = ""
 
     @property
     def nats_password(self) -> str:
@@ -60,6 +65,12 @@ class NodeSettings(FrozenModel):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def read_only_model_dirs(self) -> tuple[Path, ...]:
+        return tuple(
+            Path(entry).expanduser() for entry in self.model_dirs.split(os.pathsep) if entry.strip()
+        )
 
     @property
     def logs_dir(self) -> Path:
@@ -85,6 +96,8 @@ ENVIRONMENT_VARIABLES: Final[Mapping[str, str]] = {
     "priority": "SHOAL_PRIORITY",
     "place_default_model": "SHOAL_PLACE_DEFAULT_MODEL",
     "log_level": "SHOAL_LOG_LEVEL",
+    "offline": "SHOAL_OFFLINE",
+    "model_dirs": "SHOAL_MODEL_DIRS",
 }
 
 _TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})

@@ -2,9 +2,11 @@
 
 from pydantic import Field
 
+from shoal_shared.downloads import Download
 from shoal_shared.frozen import FrozenModel
-from shoal_shared.ids import InstanceId, NodeId, RunnerId, TaskId
+from shoal_shared.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
 from shoal_shared.instances import Instance
+from shoal_shared.model_card import ModelCard
 from shoal_shared.runner_status import RunnerStatus
 from shoal_shared.tasks import Task
 from shoal_shared.telemetry import NodeTelemetry
@@ -35,6 +37,10 @@ class State(FrozenModel):
     tasks: dict[TaskId, Task] = Field(default_factory=dict)
     # Tasks a client cancelled; each leaves state (and this set) when its worker reports it done.
     cancelling: frozenset[TaskId] = frozenset()
+    # What model files each node has (or is fetching): node -> model -> record.
+    downloads: dict[NodeId, dict[ModelId, Download]] = Field(default_factory=dict)
+    # Models added at run time (from the hub or a GGUF import), beside the built-in cards.
+    added_models: dict[ModelId, ModelCard] = Field(default_factory=dict)
     # Highest sequence of each node's local stream already indexed, so that a master (this one
     # or the next) indexes every local event exactly once.
     local_sequences: dict[NodeId, int] = Field(default_factory=dict)

@@ -19,3 +19,7 @@ class NodeTelemetry(FrozenModel):
     memory_available_bytes: int = Field(ge=0)
     # IPv4 addresses other nodes can reach this one at (for the runners' ring connections).
     addresses: tuple[str, ...] = ()
+    # Free space where the worker stores models, and whether it may fetch from the hub at all
+    # (not offline): placement sends a shard only where its files are or can arrive.
+    disk_available_bytes: int = Field(default=0, ge=0)
+    can_download: bool = True

@@ -126,7 +126,7 @@ class ApiContext:
         timeouts: ApiTimeouts | None = None,
     ) -> None:
         self.cluster = cluster
-        self.cards = cards
+        self._builtin_cards = cards
         self.timeouts = timeouts or ApiTimeouts()
         self.background = BackgroundWork()
         # Chat sessions whose task may still be running (see inference.ChatSession).
@@ -137,6 +137,12 @@ class ApiContext:
         (with an error event and a cancelled task) instead of being cut off mid-chunk."""
         for session in list(self.open_sessions):
             session.abort(message)
+
+    @property
+    def cards(self) -> Mapping[ModelId, ModelCard]:
+        """The catalogue plus the models added at run time (from the cluster's state)."""
+        added = self.cluster.state.added_models
+        return {**self._builtin_cards, **added} if added else self._builtin_cards
 
     @property
     def node_id(self) -> NodeId:

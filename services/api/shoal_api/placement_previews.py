@@ -34,7 +34,9 @@ def previews_router(context: ApiContext) -> APIRouter:
     async def get_previews(model_id: Annotated[str, Query(min_length=1)]) -> Response:
         card = resolve_model(context, model_id)
         listed: list[Preview] = []
-        for candidate in previews(card, context.cluster.state.nodes):
+        for candidate in previews(
+            card, context.cluster.state.nodes, context.cluster.state.downloads
+        ):
             valid = isinstance(candidate, Layout)
             listed.append(
                 Preview(

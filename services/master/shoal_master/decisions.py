@@ -78,11 +78,16 @@ def decide(
 ) -> Decision:
     match command:
         case PlaceInstance():
-            card = cards.get(command.model_id)
+            card = cards.get(command.model_id) or state.added_models.get(command.model_id)
             if card is None:
                 return _rejected(command, "not_found", f"unknown model {command.model_id!r}")
             layout = choose_layout(
-                card, state.nodes, command.sharding, command.node_ids, command.node_count
+                card,
+                state.nodes,
+                command.sharding,
+                command.node_ids,
+                command.node_count,
+                state.downloads,
             )
             if not isinstance(layout, Layout):
                 return _rejected(

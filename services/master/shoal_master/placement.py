@@ -14,6 +14,8 @@ from shoal_shared.instances import Instance, ShardAssignment, Sharding
 from shoal_shared.model_card import ModelCard
 from shoal_shared.state import NodeInfo
 
+from shoal_master.model_files import NodeDownloads, file_problem, may_hold
+
 # Leave room for the KV cache, activations and the rest of the machine.
 MEMORY_HEADROOM_FRACTION: Final = 0.1
 # Runners of a multi-node instance listen for their ring neighbours from this port up.
@@ -64,6 +66,7 @@ def layout_for(
     nodes: Mapping[NodeId, NodeInfo],
     node_ids: Sequence[NodeId],
     sharding: Sharding,
+    downloads: NodeDownloads | None = None,
 ) -> Layout | Refusal:
     chosen = tuple(node_ids)
     count = len(chosen)
@@ -99,11 +102,23 @@ def layout_for(
             return refuse(
                 f"node {node_id} needs {need / 1e9:.2f} GB for its shard, has {free / 1e9:.2f} GB"
             )
+    for node_id, (start, end) in zip(chosen, ranges, strict=True):
+        problem = file_problem(card, nodes[node_id], downloads or {}, start, end)
+        if problem is not None:
+            return refuse(problem)
     return Layout(sharding=sharding, node_ids=chosen, layer_ranges=ranges)
 
 
-def nodes_by_free_memory(nodes: Mapping[NodeId, NodeInfo]) -> tuple[NodeId, ...]:
-    return tuple(sorted(nodes, key=lambda node_id: (-usable_memory(nodes[node_id]), node_id)))
+def nodes_by_free_memory(
+    card: ModelCard, nodes: Mapping[NodeId, NodeInfo], downloads: NodeDownloads
+) -> tuple[NodeId, ...]:
+    """Candidates for automatic placement: nodes that could hold a shard, most memory first."""
+    return tuple(
+        sorted(
+            (node_id for node_id, node in nodes.items() if may_hold(card, node, downloads)),
+            key=lambda node_id: (-usable_memory(nodes[node_id]), node_id),
+        )
+    )
 
 
 def choose_layout(
@@ -112,6 +127,7 @@ def choose_layout(
     sharding: Sharding,
     node_ids: Sequence[NodeId] | None,
     node_count: int | None,
+    downloads: NodeDownloads | None = None,
 ) -> Layout | Refusal:
     """Honour explicit nodes or a node count; otherwise the fewest nodes that fit."""
     if node_ids is not None:
@@ -121,30 +137,38 @@ def choose_layout(
                 node_ids=tuple(node_ids),
                 reason=f"node_count {node_count} disagrees with {len(node_ids)} listed nodes",
             )
-        return layout_for(card, nodes, node_ids, sharding)
-    ranked = nodes_by_free_memory(nodes)
+        return layout_for(card, nodes, node_ids, sharding, downloads)
+    ranked = nodes_by_free_memory(card, nodes, downloads or {})
     if node_count is not None:
         if node_count > len(ranked):
             return Refusal(
                 sharding=sharding,
                 node_ids=ranked,
-                reason=f"{node_count} nodes asked for, {len(ranked)} in the cluster",
+                reason=f"{node_count} nodes asked for, {len(ranked)} in the cluster can hold "
+                f"{card.model_id}",
             )
-        return layout_for(card, nodes, ranked[:node_count], sharding)
-    refusal = Refusal(sharding=sharding, node_ids=(), reason="the cluster has no nodes yet")
+        return layout_for(card, nodes, ranked[:node_count], sharding, downloads)
+    reason = (
+        "the cluster has no nodes yet"
+        if not nodes
+        else f"no node has {card.model_id} or can fetch it (offline, or imported elsewhere)"
+    )
+    refusal = Refusal(sharding=sharding, node_ids=(), reason=reason)
     for count in range(1, len(ranked) + 1):
-        outcome = layout_for(card, nodes, ranked[:count], sharding)
+        outcome = layout_for(card, nodes, ranked[:count], sharding, downloads)
         if isinstance(outcome, Layout):
             return outcome
         refusal = outcome
     return refusal
 
 
-def previews(card: ModelCard, nodes: Mapping[NodeId, NodeInfo]) -> tuple[Layout | Refusal, ...]:
+def previews(
+    card: ModelCard, nodes: Mapping[NodeId, NodeInfo], downloads: NodeDownloads | None = None
+) -> tuple[Layout | Refusal, ...]:
     """Every candidate (sharding x node count, on the nodes with most free memory)."""
-    ranked = nodes_by_free_memory(nodes)
+    ranked = nodes_by_free_memory(card, nodes, downloads or {})
     return tuple(
-        layout_for(card, nodes, ranked[:count], sharding)
+        layout_for(card, nodes, ranked[:count], sharding, downloads)
         for sharding in ("pipeline", "tensor")
         for count in range(1, len(ranked) + 1)
     )

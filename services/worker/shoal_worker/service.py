@@ -7,15 +7,20 @@ from pathlib import Path
 from typing import Final, final
 
 from shoal_shared.bus import Bus
-from shoal_shared.events import IndexedEvent, NodeTelemetryUpdated
+from shoal_shared.events import IndexedEvent, ModelAdded, NodeTelemetryUpdated
 from shoal_shared.follower import StateFollower
-from shoal_shared.ids import NodeId, RunnerId
+from shoal_shared.ids import ModelId, NodeId, RunnerId
 from shoal_shared.instances import Instance
+from shoal_shared.model_card import ModelCard, all_cards
 from shoal_shared.node_identity import load_or_create_node_id
 from shoal_shared.settings import NodeSettings
 from shoal_shared.state import State
 from shoal_shared.telemetry import NodeTelemetry
 
+from shoal_worker.downloads.hub import HubAccess
+from shoal_worker.downloads.local_models import announce_imported_models
+from shoal_worker.downloads.manager import DownloadFailedError, DownloadManager
+from shoal_worker.downloads.store import ModelStore
 from shoal_worker.event_sink import LocalEventSink
 from shoal_worker.models.default_model import DEFAULT_MODEL_ID, ensure_default_model
 from shoal_worker.plan import CancelTaskOnRunner, DispatchTask, StartRunner, StopRunner, plan
@@ -56,15 +61,34 @@ class Worker:
         self._model_lock = asyncio.Lock()
         self._announced_term = 0
         self._telemetry_due = asyncio.Event()
+        self._hub_access = HubAccess.from_environment(settings.offline)
+        self._store = ModelStore(
+            settings.models_dir, settings.read_only_model_dirs, self._hub_access
+        )
+        self._imported: dict[ModelId, ModelCard] = {}
+        self._downloads = DownloadManager(
+            bus, node_id, self._store, events.emit, self._cards, self._model_in_use
+        )
+
+    def _cards(self) -> dict[ModelId, ModelCard]:
+        return {**all_cards(self._follower.state.added_models), **self._imported}
+
+    def _model_in_use(self, model_id: ModelId) -> bool:
+        return any(runner.instance.model_id == model_id for runner in self._runners.values())
 
     async def run(self) -> None:
         self._follower.add_listener(self._on_state_change)
+        self._imported = await asyncio.to_thread(
+            announce_imported_models, self._settings.models_dir, self._events.emit
+        )
+        await self._downloads.start()
         self._dirty.set()
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._report_telemetry())
                 group.create_task(self._reconcile_forever())
         finally:
+            await self._downloads.stop()
             for runner in list(self._runners.values()):
                 await runner.stop()
 
@@ -76,6 +100,9 @@ class Worker:
             self._telemetry_due.set()
             for runner in self._runners.values():
                 runner.reannounce()
+            for card in self._imported.values():
+                self._events.emit(ModelAdded(card=card))
+            self._downloads.reannounce()
         self._dirty.set()
 
     async def _report_telemetry(self) -> None:
@@ -83,7 +110,12 @@ class Worker:
         reported: NodeTelemetry | None = None
         reported_at = 0.0
         while True:
-            current = await asyncio.to_thread(read_telemetry, peers_beyond_loopback(self._settings))
+            current = await asyncio.to_thread(
+                read_telemetry,
+                peers_beyond_loopback(self._settings),
+                self._settings.models_dir,
+                not self._hub_access.offline,
+            )
             stale = loop.time() - reported_at > TELEMETRY_HEARTBEAT_SECONDS
             if stale or self._telemetry_due.is_set() or worth_reporting(reported, current):
                 self._telemetry_due.clear()
@@ -129,13 +161,20 @@ class Worker:
                     await self._runners[action.runner_id].cancel(action.task_id)
 
     async def _resolve_model(self, instance: Instance) -> Path:
-        if instance.model_id != DEFAULT_MODEL_ID:
-            raise ModelUnavailableError(
-                f"model {instance.model_id} has no local files on node {self._node_id}"
-            )
-        # One conversion at a time: two runners of the bundled model must not race to write it.
-        async with self._model_lock:
-            return await asyncio.to_thread(ensure_default_model, self._settings.models_dir)
+        """The model directory for this node's shard, downloading what it lacks first."""
+        if instance.model_id == DEFAULT_MODEL_ID:
+            # One conversion at a time: two runners of the bundled model must not race.
+            async with self._model_lock:
+                return await asyncio.to_thread(ensure_default_model, self._settings.models_dir)
+        card = self._cards().get(instance.model_id)
+        shard = instance.shard_on(self._node_id)
+        if card is None or shard is None:
+            raise ModelUnavailableError(f"model {instance.model_id} is unknown on {self._node_id}")
+        try:
+            local = await self._downloads.ensure(card, shard.start_layer, shard.end_layer)
+        except DownloadFailedError as error:
+            raise ModelUnavailableError(str(error)) from error
+        return local.path
 
 
 async def run_worker(settings: NodeSettings) -> None:

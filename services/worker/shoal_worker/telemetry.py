@@ -9,6 +9,8 @@ from pathlib import Path
 import psutil
 from shoal_shared.telemetry import Backend, NodeTelemetry
 
+from shoal_worker.downloads.store import free_disk_bytes
+
 
 @cache
 def chip_name() -> str:
@@ -52,7 +54,9 @@ def reachable_addresses(prefer_lan: bool) -> tuple[str, ...]:
     return tuple(lan + loopback) if prefer_lan else tuple(loopback + lan)
 
 
-def read_telemetry(prefer_lan: bool = True) -> NodeTelemetry:
+def read_telemetry(
+    prefer_lan: bool = True, models_dir: Path | None = None, can_download: bool = True
+) -> NodeTelemetry:
     memory = psutil.virtual_memory()
     return NodeTelemetry(
         hostname=socket.gethostname(),
@@ -63,17 +67,22 @@ def read_telemetry(prefer_lan: bool = True) -> NodeTelemetry:
         memory_total_bytes=memory.total,
         memory_available_bytes=memory.available,
         addresses=reachable_addresses(prefer_lan),
+        disk_available_bytes=free_disk_bytes(models_dir or Path.home()),
+        can_download=can_download,
     )
 
 
 def worth_reporting(previous: NodeTelemetry | None, current: NodeTelemetry) -> bool:
-    """A new report when something but free memory changed, or free memory moved by 2%."""
+    """A new report when something but free memory and disk changed, free memory moved by 2%
+    or free disk by a gigabyte."""
     if previous is None:
         return True
-    if (
-        previous.model_copy(update={"memory_available_bytes": current.memory_available_bytes})
-        != current
-    ):
+    fluctuating = {
+        "memory_available_bytes": current.memory_available_bytes,
+        "disk_available_bytes": current.disk_available_bytes,
+    }
+    if previous.model_copy(update=fluctuating) != current:
         return True
     moved = abs(previous.memory_available_bytes - current.memory_available_bytes)
-    return moved > current.memory_total_bytes * 0.02
+    disk_moved = abs(previous.disk_available_bytes - current.disk_available_bytes)
+    return moved > current.memory_total_bytes * 0.02 or disk_moved > 1_000_000_000

@@ -1,0 +1,42 @@
+"""Models imported from GGUF files on this node (`shoal models import`): each directory under
+`<models>/local/` holds the converted model and its card."""
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from shoal_shared.events import Event, ModelAdded
+from shoal_shared.ids import ModelId
+from shoal_shared.model_card import ModelCard, ModelCardError, parse_card
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE: Final = "shoal-card.toml"
+
+
+def imported_cards(models_dir: Path) -> dict[ModelId, tuple[ModelCard, Path]]:
+    found: dict[ModelId, tuple[ModelCard, Path]] = {}
+    root = models_dir / "local"
+    if not root.is_dir():
+        return found
+    for card_path in sorted(root.rglob(CARD_FILE)):
+        try:
+            card = parse_card(card_path.read_text(), str(card_path))
+        except ModelCardError as error:
+            logger.warning("ignoring an imported model: %s", error)
+            continue
+        found[card.model_id] = (card, card_path.parent)
+    return found
+
+
+def announce_imported_models(
+    models_dir: Path, emit: Callable[[Event], None]
+) -> dict[ModelId, ModelCard]:
+    """Add each imported model's card to the cluster (the download manager then finds its
+    files and says this node has them)."""
+    cards: dict[ModelId, ModelCard] = {}
+    for model_id, (card, _directory) in imported_cards(models_dir).items():
+        emit(ModelAdded(card=card))
+        cards[model_id] = card
+    return cards
