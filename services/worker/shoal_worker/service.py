@@ -18,7 +18,7 @@ from shoal_shared.state import State
 from shoal_shared.telemetry import NodeTelemetry
 
 from shoal_worker.downloads.hub import HubAccess
-from shoal_worker.downloads.local_models import announce_imported_models
+from shoal_worker.downloads.local_models import imported_cards
 from shoal_worker.downloads.manager import DownloadFailedError, DownloadManager
 from shoal_worker.downloads.store import ModelStore
 from shoal_worker.event_sink import LocalEventSink
@@ -78,9 +78,7 @@ class Worker:
 
     async def run(self) -> None:
         self._follower.add_listener(self._on_state_change)
-        self._imported = await asyncio.to_thread(
-            announce_imported_models, self._settings.models_dir, self._events.emit
-        )
+        await self._refresh_imports()
         await self._downloads.start()
         self._dirty.set()
         try:
@@ -121,8 +119,18 @@ class Worker:
                 self._telemetry_due.clear()
                 self._events.emit(NodeTelemetryUpdated(node_id=self._node_id, telemetry=current))
                 reported, reported_at = current, loop.time()
+            await self._refresh_imports()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._telemetry_due.wait(), TELEMETRY_INTERVAL_SECONDS)
+
+    async def _refresh_imports(self) -> None:
+        """Pick up models `shoal models import` converted on this node, also while running."""
+        found = await asyncio.to_thread(imported_cards, self._settings.models_dir)
+        for model_id, (card, _directory) in found.items():
+            if self._imported.get(model_id) != card:
+                self._imported[model_id] = card
+                self._events.emit(ModelAdded(card=card))
+                await self._downloads.announce(card)
 
     async def _reconcile_forever(self) -> None:
         while True:

@@ -2,11 +2,9 @@
 `<models>/local/` holds the converted model and its card."""
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from shoal_shared.events import Event, ModelAdded
 from shoal_shared.ids import ModelId
 from shoal_shared.model_card import ModelCard, ModelCardError, parse_card
 
@@ -28,15 +26,3 @@ def imported_cards(models_dir: Path) -> dict[ModelId, tuple[ModelCard, Path]]:
             continue
         found[card.model_id] = (card, card_path.parent)
     return found
-
-
-def announce_imported_models(
-    models_dir: Path, emit: Callable[[Event], None]
-) -> dict[ModelId, ModelCard]:
-    """Add each imported model's card to the cluster (the download manager then finds its
-    files and says this node has them)."""
-    cards: dict[ModelId, ModelCard] = {}
-    for model_id, (card, _directory) in imported_cards(models_dir).items():
-        emit(ModelAdded(card=card))
-        cards[model_id] = card
-    return cards

@@ -85,7 +85,7 @@ class DownloadManager:
         self._subscription = await self._bus.subscribe(
             subjects.downloads(self._node_id), self._on_message
         )
-        await asyncio.to_thread(self.announce_local_models)
+        await self.announce_local_models()
 
     async def stop(self) -> None:
         for job in self._jobs.values():
@@ -100,14 +100,18 @@ class DownloadManager:
         for download in self._announced.values():
             self._emit(DownloadUpdated(download=download))
 
-    def announce_local_models(self) -> None:
+    async def announce_local_models(self) -> None:
         """Say which models this node already has (found at start, with no network)."""
         for card in list(self._cards().values()):
-            if card.source == "bundled":
-                continue
-            local = self._store.scan(card)
-            if local is not None:
-                self._report(card, local.start_layer, local.end_layer, _completed(local))
+            await self.announce(card)
+
+    async def announce(self, card: ModelCard) -> None:
+        """Say what this node has of one model."""
+        if card.source == "bundled":
+            return
+        local = await asyncio.to_thread(self._store.scan, card)
+        if local is not None:
+            self._report(card, local.start_layer, local.end_layer, _completed(local))
 
     def _report(
         self, card: ModelCard, start_layer: int, end_layer: int, status: DownloadStatus
