@@ -1,9 +1,10 @@
 """The Hugging Face hub through `huggingface_hub`: list a repository, fetch one file.
 
-`huggingface_hub` resumes a broken transfer itself (from the `.incomplete` file, with a
-Range request) and waits out a 429 on the file body; around it this module adds retries with
-backoff for 429/5xx on the metadata calls (honouring Retry-After), cancellation and progress
-(through the `tqdm_class` hook), and errors that say what to do.
+`huggingface_hub` resolves files and moves their bytes (Range requests, 429 waits, resuming
+a cleanly closed body within one call); around it this module keeps partial files across
+calls (so a cancel, a reset connection or a restart resumes), retries 429/5xx with backoff
+(honouring Retry-After) and broken connections, reports progress and stops on cancel (through
+the `tqdm_class` hook), and words errors so they say what to do.
 """
 
 import os
@@ -13,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, TypeVar, cast, final
+from typing import Any, BinaryIO, Final, Protocol, Self, TypeVar, cast, final
 
+import httpx2
 import huggingface_hub
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, file_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -25,6 +27,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.file_download import HfFileMetadata
 
 RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
 MAX_ATTEMPTS: Final = 6
@@ -125,7 +128,8 @@ def with_retries(
     cancelled: threading.Event | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Result:
-    """Run `call`, again after 429/5xx answers (Retry-After honoured), up to MAX_ATTEMPTS."""
+    """Run `call`, again after 429/5xx answers (Retry-After honoured) or a broken
+    connection, up to MAX_ATTEMPTS."""
     attempt = 1
     while True:
         try:
@@ -135,6 +139,12 @@ def with_retries(
             if status is None or status[0] not in RETRY_STATUSES or attempt >= MAX_ATTEMPTS:
                 raise
             delay = retry_delay(attempt, status[1])
+        except httpx2.TransportError:
+            # huggingface_hub resumes a body cut by a clean close itself, but not one cut by a
+            # reset: the next attempt resumes from the `.incomplete` file.
+            if attempt >= MAX_ATTEMPTS:
+                raise
+            delay = retry_delay(attempt, None)
         attempt += 1
         if cancelled is not None:
             if cancelled.wait(delay):
@@ -147,7 +157,7 @@ def list_repo(access: HubAccess, repo: str) -> RepoListing:
     api = HfApi(endpoint=access.endpoint, token=access.token or False)
     try:
         info = with_retries(lambda: api.model_info(repo, files_metadata=True))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, httpx2.TransportError) as error:
         raise explain(error, access, repo) from error
     files: list[RemoteFile] = []
     for sibling in info.siblings or []:
@@ -165,27 +175,44 @@ def list_repo(access: HubAccess, repo: str) -> RepoListing:
     return RepoListing(repo=repo, revision=info.sha, files=tuple(files))
 
 
-class _HubDownload(Protocol):
-    """`huggingface_hub.hf_hub_download` as this module calls it (its own signature leaves
-    parts unknown to a strict checker)."""
+class _HttpGet(Protocol):
+    """`huggingface_hub`'s `http_get` as this module calls it (its own signature leaves the
+    progress class's type unknown to a strict checker)."""
 
     def __call__(
         self,
-        repo_id: str,
-        filename: str,
+        url: str,
+        temp_file: BinaryIO,
         *,
-        revision: str,
-        local_dir: Path,
-        cache_dir: Path,
-        endpoint: str,
-        token: str | bool,
-        force_download: bool,
-        local_files_only: bool,
+        resume_size: int,
+        headers: dict[str, str],
+        expected_size: int | None,
+        displayed_filename: str,
         tqdm_class: Callable[..., object],
-    ) -> str: ...
+    ) -> None: ...
 
 
-_hf_hub_download = cast(_HubDownload, huggingface_hub.hf_hub_download)
+class _FileMetadata(Protocol):
+    def __call__(
+        self, url: str, *, token: str | bool, endpoint: str, retry_on_errors: bool
+    ) -> HfFileMetadata: ...
+
+
+class _Headers(Protocol):
+    def __call__(self, *, token: str | bool) -> dict[str, str]: ...
+
+
+_http_get = cast(_HttpGet, file_download.http_get)
+# Looked up by name: their signatures name an untyped `dict`, which a strict checker reports
+# on any attribute access; the Protocols above say how they are called here.
+_get_file_metadata = cast(_FileMetadata, vars(file_download)["get_hf_file_metadata"])
+_build_headers = cast(_Headers, vars(file_download)["build_hf_headers"])
+
+
+def partial_path(local_dir: Path, path: str) -> Path:
+    """Where the bytes of an unfinished transfer wait to be resumed (across cancels, broken
+    connections and restarts: huggingface_hub's own temporary file does not survive them)."""
+    return local_dir / ".cache" / "shoal-partial" / f"{path}.part"
 
 
 @final
@@ -246,26 +273,52 @@ def fetch_file(
     hook: TransferHook,
     force: bool = False,
 ) -> Path:
-    """Fetch one file of the listing's revision into `local_dir` (resuming a partial one)."""
+    """Fetch one file of the listing's revision into `local_dir`, resuming a partial one.
 
-    def download() -> str:
-        return _hf_hub_download(
-            listing.repo,
-            path,
-            revision=listing.revision,
-            local_dir=local_dir,
-            # An empty cache of our own: never copy from (or write to) the user's HF cache.
-            cache_dir=local_dir / ".cache" / "hub-cache",
-            endpoint=access.endpoint,
-            token=access.token or False,
-            force_download=force,
-            local_files_only=False,
-            tqdm_class=_progress_class(hook),
+    huggingface_hub resolves the file (`get_hf_file_metadata`: redirects, size, ETag) and
+    moves the bytes (`http_get`: Range requests, 429 waits, resumes within one call); the
+    partial file is ours, so that a later call resumes where an earlier one stopped.
+    """
+    destination = local_dir / path
+    partial = partial_path(local_dir, path)
+    url = huggingface_hub.hf_hub_url(
+        listing.repo, path, revision=listing.revision, endpoint=access.endpoint
+    )
+    token: str | bool = access.token or False
+
+    def download() -> None:
+        metadata = _get_file_metadata(
+            url, token=token, endpoint=access.endpoint, retry_on_errors=True
         )
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        if force:
+            partial.unlink(missing_ok=True)
+        resume = partial.stat().st_size if partial.exists() else 0
+        if metadata.size is not None and resume > metadata.size:
+            partial.unlink()
+            resume = 0
+        headers = _build_headers(token=token)
+        location = metadata.location
+        if not location.startswith(access.endpoint):
+            # Redirected to a CDN: the token is for the hub only.
+            headers.pop("authorization", None)
+        with partial.open("ab") as content:
+            _http_get(
+                location,
+                content,
+                resume_size=resume,
+                headers=headers,
+                expected_size=metadata.size,
+                displayed_filename=path,
+                tqdm_class=_progress_class(hook),
+            )
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial.replace(destination)
 
     try:
-        return Path(with_retries(download, cancelled=hook.cancelled))
+        with_retries(download, cancelled=hook.cancelled)
     except DownloadCancelledError:
         raise
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, httpx2.TransportError) as error:
         raise explain(error, access, listing.repo) from error
+    return destination

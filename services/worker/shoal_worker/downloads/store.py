@@ -26,6 +26,7 @@ from shoal_worker.downloads.hub import (
     TransferHook,
     fetch_file,
     list_repo,
+    partial_path,
 )
 from shoal_worker.downloads.progress import DownloadProgress
 from shoal_worker.downloads.shard_files import (
@@ -324,17 +325,6 @@ def _fetch_order(name: str) -> tuple[bool, bool, str]:
 
 
 def _partial_bytes(target: Path, name: str) -> int:
-    """Bytes of an interrupted transfer huggingface_hub will resume from."""
-    downloads = target / ".cache" / "huggingface" / "download"
-    parent = (downloads / name).parent
-    if not parent.is_dir():
-        return 0
-    stem = Path(name).name
-    return max(
-        (
-            entry.stat().st_size
-            for entry in parent.iterdir()
-            if entry.name.startswith(stem) and entry.name.endswith(".incomplete")
-        ),
-        default=0,
-    )
+    """Bytes of an interrupted transfer that the next one resumes from."""
+    partial = partial_path(target, name)
+    return partial.stat().st_size if partial.is_file() else 0
