@@ -138,3 +138,30 @@ def cluster(base: Path, count: int, namespaces: bool | None = None) -> Generator
             node.stop()
         if hosts is not None:
             hosts.destroy()
+
+
+def agreed(nodes: list[ClusterNode]) -> bool:
+    """Every node sees the same master, term and node set, holding all of `nodes`."""
+    views = {
+        (state["master_node_id"], state["term"], frozenset(state["nodes"]))
+        for state in (node.state() for node in nodes)
+    }
+    return len(views) == 1 and len(next(iter(views))[2]) == len(nodes)
+
+
+def place(node: ClusterNode, body: dict[str, Any], nodes: list[ClusterNode]) -> str:
+    """Place an instance through `node` and wait until every runner of it is ready."""
+    placed = node.http("POST", "/instance", body)
+    assert "instance_id" in placed, placed
+    instance_id: str = placed["instance_id"]
+
+    def ready() -> bool:
+        state = node.state()
+        instance = state["instances"].get(instance_id)
+        if instance is None:
+            return False
+        statuses = [state["runners"].get(shard["runner_id"]) for shard in instance["shards"]]
+        return all(s is not None and s["status"]["status"] == "ready" for s in statuses)
+
+    wait_until(f"instance {body} to be ready", 180, ready, nodes)
+    return instance_id

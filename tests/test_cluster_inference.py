@@ -4,42 +4,16 @@ a pipeline node killed mid-stream."""
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from .cluster_harness import ClusterNode, cluster, wait_until
+from .cluster_harness import ClusterNode, agreed, cluster, place, wait_until
 
 PROMPTS = (
     "What is the capital of France?",
     "Name three colours.",
     "Write one sentence about the sea.",
 )
-
-
-def agreed(nodes: list[ClusterNode]) -> bool:
-    views = {
-        (state["master_node_id"], state["term"], frozenset(state["nodes"]))
-        for state in (node.state() for node in nodes)
-    }
-    return len(views) == 1 and len(next(iter(views))[2]) == len(nodes)
-
-
-def place(node: ClusterNode, body: dict[str, Any], nodes: list[ClusterNode]) -> str:
-    placed = node.http("POST", "/instance", body)
-    assert "instance_id" in placed, placed
-    instance_id: str = placed["instance_id"]
-
-    def ready() -> bool:
-        state = node.state()
-        instance = state["instances"].get(instance_id)
-        if instance is None:
-            return False
-        statuses = [state["runners"].get(shard["runner_id"]) for shard in instance["shards"]]
-        return all(s is not None and s["status"]["status"] == "ready" for s in statuses)
-
-    wait_until(f"instance {body} to be ready", 180, ready, nodes)
-    return instance_id
 
 
 def answers(node: ClusterNode) -> list[tuple[str, int]]:
