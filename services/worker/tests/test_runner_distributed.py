@@ -245,6 +245,21 @@ async def test_two_rank_pipeline_matches_single_process_greedy(
         assert [await runner.stop(timeout=10) for runner in group.runners] == [0, 0]
 
 
+async def test_a_quantized_model_pipelines_too(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """4-bit weights: the embedding gives float16, the layers float32; the ranks must pass
+    each other what the layers give (a receiver once read float32 bytes as float16)."""
+    quantized = ensure_default_model(tmp_path_factory.getbasetemp() / "runner-models", "quantized")
+    prompt = PROMPTS[0]
+    async with running_group(group_specs(quantized, world_size=1)) as group:
+        await group.wait_ready()
+        (single,) = await group.generate("task-single", prompt, 8)
+    async with running_group(group_specs(quantized, world_size=2)) as group:
+        await group.wait_ready()
+        results = await group.generate("task-pipelined", prompt, 8)
+    assert single.token_ids
+    assert [result.token_ids for result in results] == [single.token_ids, single.token_ids]
+
+
 @pytest.mark.slow
 async def test_three_rank_tensor_matches_single_process_greedy(
     model_dir: Path, single_process_tokens: list[list[int]]

@@ -67,6 +67,14 @@ class PipelinedLlamaBody(nn.Module):
         self.size = group.size()
         self.group = group
         self.sliding_window = cast("int | None", getattr(body, "sliding_window", None))
+        # What the ranks pass each other: the dtype a layer's output has, which is not the
+        # embedding's when they differ (a float16 quantized embedding before float32 layers).
+        # A receiver that took the embedding's dtype would read float32 bytes as float16.
+        # Only the graph is built here: MLX knows the dtype without computing anything.
+        probe = cast("Callable[[mx.array], mx.array]", self.embed_tokens)(
+            mx.zeros((1, 1), dtype=mx.int32)
+        )
+        self.wire_dtype = cast("_Layer", layers[start_layer])(probe, None, cache=None).dtype
 
     def __call__(
         self,
@@ -82,11 +90,14 @@ class PipelinedLlamaBody(nn.Module):
         masks = self._masks(hidden, layers, caches)
 
         if self.rank > 0:
-            hidden = mx.distributed.recv_like(hidden, self.rank - 1, group=self.group)
+            template = hidden.astype(self.wire_dtype)
+            hidden = mx.distributed.recv_like(template, self.rank - 1, group=self.group)
         for layer, layer_cache, mask in zip(layers, caches, masks, strict=True):
             hidden = cast("_Layer", layer)(hidden, mask, cache=layer_cache)
         if self.rank < self.size - 1:
-            hidden = mx.distributed.send(hidden, self.rank + 1, group=self.group)
+            hidden = mx.distributed.send(
+                hidden.astype(self.wire_dtype), self.rank + 1, group=self.group
+            )
             # Prefill evaluates only the KV caches: tying the send into the last cache makes
             # every prefill chunk perform it (otherwise the next rank waits forever).
             last_cache = caches[-1]
@@ -95,7 +106,7 @@ class PipelinedLlamaBody(nn.Module):
                 keyed_cache.keys = _depends(keyed_cache.keys, hidden)
         # Every rank needs the last rank's hidden state; gathering keeps it in the graph of
         # every rank, so all of them take part in the collective at the same step.
-        gathered = mx.distributed.all_gather(hidden, group=self.group)
+        gathered = mx.distributed.all_gather(hidden.astype(self.wire_dtype), group=self.group)
         batch = hidden.shape[0]
         norm = cast("Callable[[mx.array], mx.array]", self.norm)
         return norm(gathered[(self.size - 1) * batch :])
