@@ -19,7 +19,12 @@ RUNNER = RunnerId("runner-1")
 MODEL = ModelId("smollm2-135m")
 
 
-def telemetry(available_gb: float = 8.0, total_gb: float = 16.0) -> NodeTelemetry:
+def telemetry(
+    available_gb: float = 8.0,
+    total_gb: float = 16.0,
+    disk_gb: float = 0.0,
+    can_download: bool = True,
+) -> NodeTelemetry:
     return NodeTelemetry(
         hostname="host",
         platform="Linux x86_64",
@@ -28,6 +33,8 @@ def telemetry(available_gb: float = 8.0, total_gb: float = 16.0) -> NodeTelemetr
         cpu_cores=4,
         memory_total_bytes=int(total_gb * 1e9),
         memory_available_bytes=int(available_gb * 1e9),
+        disk_available_bytes=int(disk_gb * 1e9),
+        can_download=can_download,
     )
 
 

@@ -5,7 +5,7 @@ from shoal_shared.downloads import Download, DownloadCompleted, DownloadOngoing
 from shoal_shared.ids import ModelId, NodeId
 from shoal_shared.model_card import ModelCard, builtin_cards
 from shoal_shared.state import NodeInfo
-from shoal_shared.telemetry import NodeTelemetry
+from shoal_shared.testing import telemetry
 
 HUB_CARD = builtin_cards()[ModelId("mlx-community/Llama-3.2-1B-Instruct-4bit")]
 GB = 1_000_000_000
@@ -13,18 +13,8 @@ GB = 1_000_000_000
 
 def node(name: str, *, disk_gb: float = 100, online: bool = True) -> tuple[NodeId, NodeInfo]:
     node_id = NodeId(name)
-    telemetry = NodeTelemetry(
-        hostname=name,
-        platform="Linux x86_64",
-        chip="chip",
-        backend="cpu",
-        cpu_cores=2,
-        memory_total_bytes=32 * GB,
-        memory_available_bytes=16 * GB,
-        disk_available_bytes=int(disk_gb * GB),
-        can_download=online,
-    )
-    return node_id, NodeInfo(node_id=node_id, telemetry=telemetry)
+    reported = telemetry(16, 32, disk_gb=disk_gb, can_download=online)
+    return node_id, NodeInfo(node_id=node_id, telemetry=reported)
 
 
 def has(node_id: str, card: ModelCard, start: int, end: int, done: bool = True) -> Download:
