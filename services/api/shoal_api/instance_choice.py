@@ -3,6 +3,12 @@
 from collections import Counter
 from typing import assert_never
 
+from shoal_shared.downloads import (
+    DownloadCompleted,
+    DownloadFailed,
+    DownloadOngoing,
+    DownloadPending,
+)
 from shoal_shared.ids import InstanceId, ModelId, NodeId
 from shoal_shared.instances import Instance
 from shoal_shared.runner_status import (
@@ -77,14 +83,37 @@ def describe_status(status: RunnerStatus | None, node_id: NodeId) -> str:
             assert_never(status)
 
 
+def describe_download(state: State, instance: Instance, node_id: NodeId) -> str | None:
+    """The shard's files on their way to the node, if that is what its runner waits for."""
+    record = state.downloads.get(node_id, {}).get(instance.model_id)
+    if record is None:
+        return None
+    match record.status:
+        case DownloadPending():
+            return f"about to download its files on node {node_id}"
+        case DownloadOngoing():
+            status = record.status
+            percent = 100 * status.bytes_done / status.bytes_total if status.bytes_total else 0.0
+            eta = f", about {status.eta_seconds:.0f} s left" if status.eta_seconds else ""
+            return f"downloading its files on node {node_id} ({percent:.0f}%{eta})"
+        case DownloadFailed():
+            return f"could not download its files on node {node_id}: {record.status.reason}"
+        case DownloadCompleted():
+            return None
+        case _:
+            assert_never(record.status)
+
+
 def describe_instance(state: State, instance: Instance) -> str:
     """What keeps the instance from serving, shard by shard (ready shards are left out)."""
     waiting: list[str] = []
     for shard in sorted(instance.shards, key=lambda shard: shard.rank):
         runner = state.runners.get(shard.runner_id)
         if runner is None or not accepts_tasks(runner.status):
+            downloading = describe_download(state, instance, shard.node_id)
             waiting.append(
-                describe_status(None if runner is None else runner.status, shard.node_id)
+                downloading
+                or describe_status(None if runner is None else runner.status, shard.node_id)
             )
     return "; ".join(waiting) if waiting else "ready"
 

@@ -1,6 +1,7 @@
 """Choosing a ready instance, and saying what is going on when none is ready."""
 
 from shoal_api.instance_choice import choose_instance, not_ready_message
+from shoal_shared.downloads import Download, DownloadFailed, DownloadOngoing, DownloadStatus
 from shoal_shared.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
 from shoal_shared.instances import Instance, ShardAssignment
 from shoal_shared.runner_status import (
@@ -90,3 +91,29 @@ def test_the_least_loaded_ready_instance_is_chosen() -> None:
     state = with_runner(state, "b-r0", "n2", RunnerReady())
     assert choose_instance(state, MODEL) == "b"
     assert choose_instance(state, ModelId("other")) is None
+
+
+def test_a_shard_waiting_for_its_files_says_how_far_the_download_is() -> None:
+    def downloading(status: DownloadStatus) -> State:
+        record = Download(
+            node_id=NodeId("n2"),
+            model_id=MODEL,
+            start_layer=10,
+            end_layer=20,
+            layer_count=30,
+            status=status,
+        )
+        state = State(
+            instances={InstanceId("a"): instance("a", ("n1", "n2"))},
+            downloads={NodeId("n2"): {MODEL: record}},
+        )
+        return with_runner(state, "a-r0", "n1", RunnerReady())
+
+    ongoing = DownloadOngoing(
+        bytes_done=25, bytes_total=100, bytes_per_second=5.0, eta_seconds=15.0
+    )
+    assert not_ready_message(downloading(ongoing), MODEL).endswith(
+        "it is downloading its files on node n2 (25%, about 15 s left)"
+    )
+    failed = not_ready_message(downloading(DownloadFailed(reason="HF_TOKEN is not set")), MODEL)
+    assert failed.endswith("could not download its files on node n2: HF_TOKEN is not set")
