@@ -23,13 +23,16 @@ import mlx.core as mx
 from shoal_worker.models.gguf_metadata import (
     GgufImportError,
     GgufMetadata,
+    reject_unsupported_architecture,
     reject_unsupported_tensor_types,
-    scan_tensor_infos,
+    scan_header,
 )
 from shoal_worker.models.gguf_tokenizer import special_token_ids, write_tokenizer_files
 
 __all__ = ["COMPLETE_MARKER", "GgufImportError", "WeightFormat", "convert_gguf", "is_converted"]
 
+# "quantized" keeps the GGUF's storage types (its block quantizations as MLX affine triples,
+# its float tensors as they are); "float32" dequantizes everything.
 WeightFormat = Literal["quantized", "float32"]
 
 # Written last, inside the temporary directory: its presence means the directory is complete.
@@ -86,7 +89,10 @@ def convert_gguf(gguf_path: Path, output_dir: Path, *, weight_format: WeightForm
     if weight_format == "float32":
         mlx_weights = _dequantize_to_float32(mlx_weights)
     else:
-        config["quantization"] = _quantization_config(mlx_weights)
+        # An F16 or F32 GGUF has nothing quantized: its weights stay in their float type.
+        quantization = _quantization_config(mlx_weights)
+        if quantization is not None:
+            config["quantization"] = quantization
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging_dirs(output_dir)
     staging_dir = Path(tempfile.mkdtemp(prefix=_staging_prefix(output_dir), dir=output_dir.parent))
@@ -127,21 +133,18 @@ def _remove_stale_staging_dirs(output_dir: Path) -> None:
 
 
 def _read_gguf(path: Path) -> tuple[dict[str, mx.array], GgufMetadata]:
-    # Our own header scan first: it gives clear errors for non-GGUF files and for tensor
-    # types that mx.load would reject or silently degrade to float16.
-    reject_unsupported_tensor_types(path, scan_tensor_infos(path))
+    # Our own header scan first: it gives clear errors for non-GGUF files, for other
+    # architectures (before their tensor types, which would be the lesser complaint) and
+    # for tensor types that mx.load would reject or silently degrade to float16.
+    header = scan_header(path)
+    reject_unsupported_architecture(path, header)
+    reject_unsupported_tensor_types(path, header.tensors)
     try:
         loaded = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as error:
         raise GgufImportError(f"{path}: cannot load GGUF: {error}") from error
     weights, raw_metadata = cast(tuple[dict[str, mx.array], dict[str, Any]], loaded)
-    metadata = GgufMetadata(raw_metadata, path)
-    architecture = metadata.string("general.architecture")
-    if architecture != "llama":
-        raise GgufImportError(
-            f"{path}: unsupported model architecture '{architecture}' (only 'llama' is supported)"
-        )
-    return weights, metadata
+    return weights, GgufMetadata(raw_metadata, path)
 
 
 def _mlx_module_name(gguf_module: str) -> str:
@@ -179,18 +182,21 @@ def _quantized_bits(weights: Mapping[str, mx.array], module: str) -> int:
     return packed_width * 32 // (group_count * GGUF_GROUP_SIZE)
 
 
-def _quantization_config(weights: Mapping[str, mx.array]) -> dict[str, object]:
-    """The most common bit width as the default, per-module entries for the others.
+def _quantization_config(weights: Mapping[str, mx.array]) -> dict[str, object] | None:
+    """The most common bit width as the default, per-module entries for the others; None
+    when nothing is quantized.
 
     mlx-lm's load_model returns `config["quantization"][module_path]` for a module path
     found there, and otherwise infers parameters from the weights; explicit entries make
     the mixed 4-/8-bit layout visible in config.json and independent of that inference.
+    Modules without scales (the norms, or an F16 embedding in a Q8_0 file) stay float:
+    mlx-lm quantizes only where the weights have scales.
     """
     bits_by_module = {
         module: _quantized_bits(weights, module) for module in _quantized_modules(weights)
     }
     if not bits_by_module:
-        raise GgufImportError("the GGUF holds no quantized tensors; use weight_format='float32'")
+        return None
     default_bits = Counter(bits_by_module.values()).most_common(1)[0][0]
     config: dict[str, object] = {"group_size": GGUF_GROUP_SIZE, "bits": default_bits}
     for module, bits in sorted(bits_by_module.items()):
@@ -200,6 +206,9 @@ def _quantization_config(weights: Mapping[str, mx.array]) -> dict[str, object]:
 
 
 def _dequantize_to_float32(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+    """Exact float32 weights: scale * q + bias with float16 GGUF scales and q < 256 is
+    representable in float32. (Dequantizing with the float16 scales as they are would
+    round every weight to float16, a relative error of up to 2**-11.)"""
     quantized = set(_quantized_modules(weights))
     result: dict[str, mx.array] = {}
     for name, array in weights.items():
@@ -209,11 +218,11 @@ def _dequantize_to_float32(weights: Mapping[str, mx.array]) -> dict[str, mx.arra
         elif suffix == "weight":
             result[name] = mx.dequantize(
                 array,
-                scales=weights[f"{module}.scales"],
-                biases=weights[f"{module}.biases"],
+                scales=weights[f"{module}.scales"].astype(mx.float32),
+                biases=weights[f"{module}.biases"].astype(mx.float32),
                 group_size=GGUF_GROUP_SIZE,
                 bits=_quantized_bits(weights, module),
-            ).astype(mx.float32)
+            )
         # scales and biases are folded into the dequantized weight
     return result
 

@@ -3,7 +3,7 @@
 `mx.load` reads GGUF tensors and metadata, but it cannot tell us a tensor's storage type, and
 for some quantizations it silently dequantizes to float16. So the importer first scans the
 header itself (a few milliseconds) to reject files it cannot convert faithfully, naming the
-offending tensor type, before handing the file to `mx.load`.
+offending architecture or tensor type, before handing the file to `mx.load`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, cast, final
 
 import mlx.core as mx
 
 GGUF_MAGIC: Final = b"GGUF"
+
+# mlx-lm has a module for many more, but the importer maps tensor names for llama only.
+SUPPORTED_ARCHITECTURES: Final = ("llama",)
 
 # ggml_type ids (ggml.h) that `mx.load` converts faithfully: float tensors as they are, the
 # 32-element block quantizations as MLX affine triples.
@@ -94,6 +97,23 @@ class GgufTensorInfo:
     ggml_type: int
 
 
+@final
+@dataclass(frozen=True)
+class GgufHeader:
+    # The string-valued `general.*` metadata (architecture, name, ...): what the importer
+    # checks and names a model by before it loads the file.
+    general: Mapping[str, str]
+    tensors: list[GgufTensorInfo]
+
+    @property
+    def architecture(self) -> str | None:
+        return self.general.get("general.architecture")
+
+    @property
+    def name(self) -> str | None:
+        return self.general.get("general.name")
+
+
 class _HeaderReader:
     """Walks the GGUF header in a memory map, raising GgufImportError on truncation."""
 
@@ -148,28 +168,38 @@ class _HeaderReader:
             self.skip_value(element_type)
 
 
-def scan_tensor_infos(path: Path) -> list[GgufTensorInfo]:
-    """Read the tensor table of a GGUF file (names, shapes, storage types) without the data."""
+def scan_header(path: Path) -> GgufHeader:
+    """Read the architecture and the tensor table of a GGUF file (names, shapes, storage
+    types) without the tensor data."""
     try:
         with path.open("rb") as file:
             if path.stat().st_size < len(GGUF_MAGIC) or file.read(4) != GGUF_MAGIC:
                 raise GgufImportError(f"{path}: not a GGUF file (missing 'GGUF' magic bytes)")
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-                return _scan_tensor_table(_HeaderReader(buffer, path))
+                return _scan_header(_HeaderReader(buffer, path))
     except OSError as error:
         raise GgufImportError(f"{path}: cannot read GGUF file: {error}") from error
 
 
-def _scan_tensor_table(reader: _HeaderReader) -> list[GgufTensorInfo]:
+def _scan_header(reader: _HeaderReader) -> GgufHeader:
     reader.offset = len(GGUF_MAGIC)
     version = reader.u32()
     if version not in (2, 3):
         raise GgufImportError(f"unsupported GGUF version {version} (expected 2 or 3)")
     tensor_count = reader.u64()
     metadata_count = reader.u64()
+    general: dict[str, str] = {}
     for _ in range(metadata_count):
-        reader.skip_string()
-        reader.skip_value(reader.u32())
+        key = reader.string()
+        value_type = reader.u32()
+        if key.startswith("general.") and value_type == _STRING_TYPE:
+            general[key] = reader.string()
+        else:
+            reader.skip_value(value_type)
+    return GgufHeader(general=general, tensors=_scan_tensor_table(reader, tensor_count))
+
+
+def _scan_tensor_table(reader: _HeaderReader, tensor_count: int) -> list[GgufTensorInfo]:
     infos: list[GgufTensorInfo] = []
     for _ in range(tensor_count):
         name = reader.string()
@@ -179,6 +209,16 @@ def _scan_tensor_table(reader: _HeaderReader) -> list[GgufTensorInfo]:
         reader.u64()  # data offset: mx.load checks that the data is really there
         infos.append(GgufTensorInfo(name=name, shape=shape, ggml_type=ggml_type))
     return infos
+
+
+def reject_unsupported_architecture(path: Path, header: GgufHeader) -> None:
+    if header.architecture is None:
+        raise GgufImportError(f"{path}: GGUF metadata lacks 'general.architecture'")
+    if header.architecture not in SUPPORTED_ARCHITECTURES:
+        raise GgufImportError(
+            f"{path}: unsupported model architecture '{header.architecture}' "
+            f"(only {', '.join(repr(name) for name in SUPPORTED_ARCHITECTURES)} is supported)"
+        )
 
 
 def reject_unsupported_tensor_types(path: Path, infos: list[GgufTensorInfo]) -> None:
