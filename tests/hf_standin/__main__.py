@@ -1,7 +1,7 @@
 """`python -m tests.hf_standin --root DIR [--host H] [--port P]`: the Hub stand-in, own process.
 
 Prints one JSON line `{"url": "http://H:P"}` to stdout once it listens, then serves until
-SIGTERM (or SIGINT). Faults and the request log are reached over HTTP: see `server.HubControl`.
+SIGTERM (or SIGINT). Faults and the request log are reached over HTTP: see `process.HubControl`.
 """
 
 import argparse

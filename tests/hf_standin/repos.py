@@ -16,7 +16,7 @@ from typing import Any, Final, cast
 
 import mlx.core as mx
 
-from .server import SETTINGS_FILE, read_settings
+from .snapshots import SETTINGS_FILE, read_settings
 
 INDEX_FILE: Final = "model.safetensors.index.json"
 GITATTRIBUTES: Final = "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
