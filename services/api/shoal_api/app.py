@@ -2,7 +2,7 @@
 
 from fastapi import FastAPI
 
-from shoal_api import cluster, openai_chat, openai_models
+from shoal_api import cluster, downloads, openai_chat, openai_models
 from shoal_api.context import ApiContext
 from shoal_api.errors import install_error_handlers
 from shoal_api.placement_previews import previews_router
@@ -18,4 +18,5 @@ def create_app(context: ApiContext) -> FastAPI:
     # Before the cluster routes: /instance/previews must not match /instance/{instance_id}.
     app.include_router(previews_router(context))
     app.include_router(cluster.router(context))
+    app.include_router(downloads.router(context))
     return app

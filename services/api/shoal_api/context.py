@@ -11,6 +11,11 @@ from typing import Protocol, final
 
 from pydantic import Field
 from shoal_shared.commands import Command, CommandReply
+from shoal_shared.download_commands import (
+    DownloadCommand,
+    DownloadCommandAccepted,
+    DownloadCommandRejected,
+)
 from shoal_shared.election_outcome import ElectionOutcome
 from shoal_shared.frozen import FrozenModel
 from shoal_shared.ids import ModelId, NodeId, TaskId
@@ -39,6 +44,10 @@ class LogUnavailableError(ConnectionError):
     """The master's global stream could not be read."""
 
 
+class WorkerUnavailableError(ConnectionError):
+    """A node's worker did not answer a download command (none listening, or no reply)."""
+
+
 class Cluster(Protocol):
     @property
     def node_id(self) -> NodeId: ...
@@ -55,6 +64,13 @@ class Cluster(Protocol):
 
     async def send_command(self, command: Command, timeout: float) -> CommandReply:
         """Raises MasterUnavailableError when no master answers within `timeout`."""
+        ...
+
+    async def request_download(
+        self, node_id: NodeId, command: DownloadCommand, timeout: float
+    ) -> DownloadCommandAccepted | DownloadCommandRejected:
+        """Ask that node's worker directly (not the master: the files are on that node).
+        Raises WorkerUnavailableError when it does not answer within `timeout`."""
         ...
 
     async def subscribe_chunks(self, task_id: TaskId, sink: ChunkSink) -> Unsubscribe:
@@ -83,6 +99,13 @@ class ApiTimeouts(FrozenModel):
     # After a placement is accepted, how long to wait for it to show in this node's replica
     # so that a client's next GET /state sees it.
     replica_catch_up_seconds: float = Field(default=2.0, ge=0)
+    # A worker answers download commands at once (the download itself runs on after).
+    worker_seconds: float = Field(default=10.0, gt=0)
+    # Adding a hub model reads its listing and config.json, with retries on 429/5xx.
+    add_model_seconds: float = Field(default=60.0, gt=0)
+    # After a model is added, how long to wait for its card to reach this node's replica,
+    # so that the client's next request (a download, a placement) knows the model.
+    model_added_seconds: float = Field(default=5.0, ge=0)
 
 
 @final

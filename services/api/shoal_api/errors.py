@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from shoal_shared.commands import CommandRejected, RejectionCode
+from shoal_shared.download_commands import DownloadCommandRejected
 from shoal_shared.frozen import FrozenModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -75,7 +76,8 @@ _REJECTION_STATUS: Final[Mapping[RejectionCode, tuple[int, ErrorType]]] = {
 }
 
 
-def rejection_error(rejected: CommandRejected) -> ApiError:
+def rejection_error(rejected: CommandRejected | DownloadCommandRejected) -> ApiError:
+    """A master's or a worker's refusal (both use the same codes)."""
     status, error_type = _REJECTION_STATUS[rejected.code]
     return ApiError(status, rejected.reason, error_type=error_type, code=rejected.code)
 

@@ -14,6 +14,12 @@ from pydantic import TypeAdapter, ValidationError
 from shoal_shared import subjects
 from shoal_shared.bus import Bus
 from shoal_shared.commands import Command, CommandReply
+from shoal_shared.download_commands import (
+    DownloadCommand,
+    DownloadCommandAccepted,
+    DownloadCommandRejected,
+    DownloadCommandReply,
+)
 from shoal_shared.election_outcome import ElectionOutcome
 from shoal_shared.follower import StateFollower
 from shoal_shared.global_log import GLOBAL_LOG_ENTRY, GlobalLogEntry
@@ -25,10 +31,14 @@ from shoal_api.context import (
     LogUnavailableError,
     MasterUnavailableError,
     Unsubscribe,
+    WorkerUnavailableError,
 )
 from shoal_api.event_log import EventPage, read_events
 
 COMMAND_REPLY: Final[TypeAdapter[CommandReply]] = TypeAdapter(CommandReply)
+DOWNLOAD_REPLY: Final[TypeAdapter[DownloadCommandAccepted | DownloadCommandRejected]] = TypeAdapter(
+    DownloadCommandReply
+)
 
 
 @final
@@ -107,6 +117,31 @@ class NatsCluster:
             ) from None
         except NatsError as error:
             raise MasterUnavailableError(f"the bus failed: {error}", maybe_delivered=True) from None
+
+    async def request_download(
+        self, node_id: NodeId, command: DownloadCommand, timeout: float
+    ) -> DownloadCommandAccepted | DownloadCommandRejected:
+        # Not retried: unlike master commands these carry no idempotency id, and a worker
+        # that is not subscribed is not about to be (it subscribes once, at its start).
+        subject = subjects.downloads(node_id)
+        try:
+            return await self._bus.request(subject, command, DOWNLOAD_REPLY, timeout)
+        except NoRespondersError:
+            raise WorkerUnavailableError(
+                f"the worker of node {node_id} did not answer: nothing listens on {subject}"
+            ) from None
+        except TimeoutError:
+            raise WorkerUnavailableError(
+                f"the worker of node {node_id} did not answer within {timeout:g} s"
+            ) from None
+        except ValidationError as error:
+            raise WorkerUnavailableError(
+                f"the worker of node {node_id} answered with a malformed reply: {error}"
+            ) from None
+        except NatsError as error:
+            raise WorkerUnavailableError(
+                f"the worker of node {node_id} did not answer: the bus failed: {error}"
+            ) from None
 
     async def subscribe_chunks(self, task_id: TaskId, sink: ChunkSink) -> Unsubscribe:
         async def on_message(message: Msg) -> None:

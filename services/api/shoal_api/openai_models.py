@@ -17,6 +17,7 @@ from shoal_api.instance_choice import (
     instances_of,
     not_placed_message,
 )
+from shoal_api.model_files import ModelFiles, downloads_of, is_downloaded, model_files
 
 OWNER: Final = "shoal"
 
@@ -34,6 +35,12 @@ class ModelObject(FrozenModel):
     placed: bool
     ready: bool
     status: str
+    # Where the model comes from: "bundled" (no download), "huggingface" or "local" (GGUF).
+    source: str
+    storage_bytes: int
+    # Bundled, or some node has every layer on disk.
+    downloaded: bool
+    downloads: tuple[ModelFiles, ...]
 
 
 class ModelList(FrozenModel):
@@ -43,6 +50,7 @@ class ModelList(FrozenModel):
 
 def model_object(card: ModelCard, state: State, live: bool) -> ModelObject:
     instances = instances_of(state, card.model_id) if live else []
+    downloads = downloads_of(state, card.model_id) if live else []
     ready = any(instance_is_ready(state, instance) for instance in instances)
     if not live:
         status = "unknown: this node has not joined the cluster yet"
@@ -60,6 +68,10 @@ def model_object(card: ModelCard, state: State, live: bool) -> ModelObject:
         placed=bool(instances),
         ready=ready,
         status=status,
+        source=card.source,
+        storage_bytes=card.storage_bytes,
+        downloaded=is_downloaded(card, downloads),
+        downloads=tuple(model_files(download) for download in downloads),
     )
 
 

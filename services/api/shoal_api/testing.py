@@ -3,7 +3,8 @@
 The API's tests (and those of the API flavours added later) run the real HTTP stack over a
 real nats-server; `FakeMaster` stands in for the election (answers the node's query), the
 active master (writes the global log, answers commands) and the worker (publishes a task's
-chunks). The real ones are tested in their own services. Nothing here runs in production.
+chunks); `emit` takes a worker's local events (from a real `DownloadManager`, say) into the
+log. The real ones are tested in their own services. Nothing here runs in production.
 """
 
 import asyncio
@@ -185,8 +186,12 @@ class FakeMaster:
         self._election: Subscription | None = None
         self._commands: Subscription | None = None
         self._publishing: set[asyncio.Task[None]] = set()
+        self._emitted: asyncio.Queue[Event] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._indexing: asyncio.Task[None] | None = None
 
     async def start(self, events: Sequence[Event]) -> None:
+        self._loop = asyncio.get_running_loop()
         js = self.bus.jetstream(domain=self.node_id)
         async with asyncio.timeout(20):
             while True:  # JetStream needs a moment after the server starts
@@ -201,8 +206,12 @@ class FakeMaster:
             subjects.election_query(self.node_id), self._on_query
         )
         self._commands = await self.bus.subscribe(subjects.COMMANDS, self._on_command)
+        self._indexing = asyncio.create_task(self._index_emitted())
 
     async def stop(self) -> None:
+        if self._indexing is not None:
+            self._indexing.cancel()
+            await asyncio.gather(self._indexing, return_exceptions=True)
         await self.stop_answering_commands()
         if self._election is not None:
             await self._election.unsubscribe()
@@ -223,6 +232,16 @@ class FakeMaster:
         await self.bus.jetstream(domain=self.node_id).publish(
             event_subject(self.node_id), LoggedEvent(event=indexed).model_dump_json().encode()
         )
+
+    def emit(self, event: Event) -> None:
+        """A worker's local event, appended to the log in order (as the real master indexes
+        local streams). Safe from any thread: workers emit from `asyncio.to_thread` too."""
+        assert self._loop is not None, "the fake master was not started"
+        self._loop.call_soon_threadsafe(self._emitted.put_nowait, event)
+
+    async def _index_emitted(self) -> None:
+        while True:
+            await self.append(await self._emitted.get())
 
     def submitted(self) -> list[ChatTask]:
         return [command.task for command in self.commands if isinstance(command, SubmitTask)]

@@ -211,7 +211,9 @@ class ModelStore:
             covered = layers_present(weight_map, present, card.layers, around)
         if covered is None:
             return None
-        size = sum((directory / name).stat().st_size for name in present if is_weight_file(name))
+        # Every file of the model, as a download's progress counts them (config, tokenizer
+        # and weights): a finished download's total is the one its progress bar ran up to.
+        size = sum(path.stat().st_size for path in (directory / name for name in present))
         return LocalModel(directory, read_only, covered[0], covered[1], size)
 
     def ensure(
