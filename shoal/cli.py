@@ -1,4 +1,4 @@
-"""The `shoal` command: `shoal run` (the default) or one service per process."""
+"""The `shoal` command: `shoal run` (the default), one service per process, or `shoal models`."""
 
 import argparse
 import sys
@@ -9,6 +9,8 @@ from typing import NoReturn
 from pydantic import ValidationError
 from shoal_shared.service_runtime import ServiceMain, run_service
 from shoal_shared.settings import NodeSettings, SettingsError, resolve_settings
+
+from shoal import models_parser
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -59,7 +61,9 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="shoal", description=__doc__)
+    # No abbreviations at the top: it reads every argument, and `models ... --api URL` would
+    # be refused there as an ambiguous prefix of --api-host and --api-port.
+    parser = OneLineParser(prog="shoal", description=__doc__, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", parser_class=OneLineParser)
     descriptions = {
         "run": "run a whole node: broker, election, master, worker and api (the default)",
@@ -71,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, description in descriptions.items():
         _add_node_flags(commands.add_parser(name, help=description, description=description))
+    models_description = "list, pull, remove or import models (talks to a node's HTTP API)"
+    models_parser.configure_parser(
+        commands.add_parser("models", help=models_description, description=models_description)
+    )
     _add_node_flags(parser)
     return parser
 
@@ -106,6 +114,11 @@ def _service_main(command: str) -> ServiceMain:
 
 def main(argv: Sequence[str] | None = None) -> None:
     arguments = build_parser().parse_args(argv)
+    if arguments.command == "models":
+        # Imported only here: the services need neither rich nor httpx.
+        from shoal.models_cli import run as run_models_command
+
+        sys.exit(run_models_command(arguments))
     flags = vars(arguments)
     command: str = flags.pop("command") or "run"
     try:
