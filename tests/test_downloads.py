@@ -17,7 +17,7 @@ from shoal_worker.downloads.hub import DownloadCancelledError, HubAccess, HubErr
 from shoal_worker.downloads.progress import DownloadProgress
 from shoal_worker.downloads.store import LocalModel, ModelStore
 
-from .hf_standin import HubStandIn, StandardRepos, repo_dir, shard_name
+from .hf_standin import HubStandIn, StandardRepos, build_unsupported_repo, repo_dir, shard_name
 
 MIB = 1 << 20
 # huggingface_hub writes bodies in 10 MiB chunks: a resumed transfer repeats less than one.
@@ -275,3 +275,18 @@ def test_a_card_is_made_from_the_config_and_an_unknown_architecture_refused(
         card_from_hub(access(hub), "shoal-test/nothing-here")
     with pytest.raises(HubError, match="not a Hugging Face repository id"):
         card_from_hub(access(hub), "no-slash")
+
+
+def test_a_bad_repo_id_or_config_is_a_hub_error(hub: HubStandIn, tmp_path: Path) -> None:
+    # huggingface_hub's own validation (a ValueError) must not escape as something else.
+    for bad in ("shoal-test/..", "shoal-test/with space"):
+        with pytest.raises(HubError, match="is not a Hugging Face repository id"):
+            card_from_hub(access(hub), bad)
+    broken = "shoal-test/broken-config"
+    build_unsupported_repo(tmp_path, broken)
+    (repo_dir(tmp_path, broken) / "config.json").write_text("{not json")
+    with HubStandIn(tmp_path) as own_hub, pytest.raises(HubError, match="not valid JSON"):
+        card_from_hub(access(own_hub), broken)
+    (repo_dir(tmp_path, broken) / "config.json").write_text("[1, 2]")
+    with HubStandIn(tmp_path) as own_hub, pytest.raises(HubError, match="not a JSON object"):
+        card_from_hub(access(own_hub), broken)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, Literal, cast
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from shoal_shared.ids import ModelId
 from shoal_shared.model_card import Capability, ModelCard, ModelCardError, SamplingDefaults
 
@@ -102,10 +104,24 @@ def card_from_config(
         raise HubError(f"{model_id}: config.json does not make a valid card: {error}") from error
 
 
+def _json_object(path: Path, model_id: str) -> dict[str, object]:
+    try:
+        loaded: object = json.loads(path.read_bytes())
+    except ValueError as error:
+        raise HubError(f"{model_id}: {path.name} is not valid JSON: {error}") from None
+    if not isinstance(loaded, dict):
+        raise HubError(f"{model_id}: {path.name} is not a JSON object")
+    return cast("dict[str, object]", loaded)
+
+
 def card_from_hub(access: HubAccess, model_id: str) -> ModelCard:
     """Fetch config.json (and read the listing's sizes) and make the model's card."""
     if model_id.count("/") != 1 or not all(model_id.split("/")):
         raise HubError(f"{model_id!r} is not a Hugging Face repository id (owner/name)")
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError as error:
+        raise HubError(f"{model_id!r} is not a Hugging Face repository id: {error}") from None
     if access.offline:
         raise HubError(f"cannot add {model_id}: this node is offline")
     listing = list_repo(access, model_id)
@@ -118,14 +134,13 @@ def card_from_hub(access: HubAccess, model_id: str) -> ModelCard:
     never = TransferHook(lambda _initial, _total: None, lambda _count: None, threading.Event())
     with tempfile.TemporaryDirectory(prefix="shoal-add-") as scratch:
         config_path = fetch_file(access, listing, "config.json", Path(scratch), hook=never)
-        config = cast("dict[str, object]", json.loads(config_path.read_text()))
+        config = _json_object(config_path, model_id)
         chat = "chat_template.jinja" in names
         if not chat and "tokenizer_config.json" in names:
             tokenizer_path = fetch_file(
                 access, listing, "tokenizer_config.json", Path(scratch), hook=never
             )
-            tokenizer = cast("dict[str, object]", json.loads(tokenizer_path.read_text()))
-            chat = "chat_template" in tokenizer
+            chat = "chat_template" in _json_object(tokenizer_path, model_id)
     return card_from_config(
         config, model_id=model_id, source="huggingface", storage_bytes=storage, chat=chat
     )
