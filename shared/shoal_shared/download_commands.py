@@ -20,6 +20,12 @@ class StartDownload(FrozenModel):
     start_layer: int | None = Field(default=None, ge=0)
     end_layer: int | None = Field(default=None, ge=1)
 
+    def layer_range(self, layer_count: int) -> tuple[int, int]:
+        """The layers asked for, [start, end), with the whole model for what is left out."""
+        start = self.start_layer if self.start_layer is not None else 0
+        end = self.end_layer if self.end_layer is not None else layer_count
+        return start, end
+
 
 class CancelDownload(FrozenModel):
     kind: Literal["cancel_download"] = "cancel_download"

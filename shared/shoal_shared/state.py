@@ -44,3 +44,7 @@ class State(FrozenModel):
     # Highest sequence of each node's local stream already indexed, so that a master (this one
     # or the next) indexes every local event exactly once.
     local_sequences: dict[NodeId, int] = Field(default_factory=dict)
+
+    def download(self, node_id: NodeId, model_id: ModelId) -> Download | None:
+        """The node's record of the model's files, if it has one."""
+        return self.downloads.get(node_id, {}).get(model_id)

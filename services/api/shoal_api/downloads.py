@@ -63,10 +63,6 @@ def _json(body: FrozenModel, status: int = 200) -> Response:
     return Response(content=body.model_dump_json(), status_code=status, media_type=JSON_MEDIA_TYPE)
 
 
-def _record(state: State, node_id: NodeId, model_id: ModelId) -> Download | None:
-    return state.downloads.get(node_id, {}).get(model_id)
-
-
 def _card(context: ApiContext, model_id: str) -> ModelCard:
     card = context.cards.get(ModelId(model_id))
     if card is None:
@@ -133,25 +129,21 @@ def router(context: ApiContext) -> APIRouter:
         body = await read_body(request, StartDownloadRequest)
         card = _card(context, body.model_id)
         node_id = _node(context, body.node_id)
-        old = _record(cluster.state, node_id, card.model_id)
+        old = cluster.state.download(node_id, card.model_id)
         command = StartDownload(
             model_id=card.model_id, start_layer=body.start_layer, end_layer=body.end_layer
         )
         accepted = await _ask_worker(context, node_id, command, timeouts.worker_seconds)
         record: Download | None = None
         if card.source != "bundled":
-            started = _started(
-                old,
-                body.start_layer if body.start_layer is not None else 0,
-                body.end_layer if body.end_layer is not None else card.layers,
-            )
+            started = _started(old, *command.layer_range(card.layers))
             # Read-your-writes: a client polling GET /downloads next sees this download,
             # not a record left by an earlier one.
             await cluster.wait_for_state(
-                lambda state: started(_record(state, node_id, card.model_id)),
+                lambda state: started(state.download(node_id, card.model_id)),
                 timeouts.replica_catch_up_seconds,
             )
-            record = _record(cluster.state, node_id, card.model_id)
+            record = cluster.state.download(node_id, card.model_id)
         answer = DownloadAnswer(
             node_id=node_id, model_id=card.model_id, detail=accepted.detail, download=record
         )
@@ -174,13 +166,13 @@ def router(context: ApiContext) -> APIRouter:
 
         def deleted(state: State) -> bool:
             # Gone, or only a read-only copy left (Shoal never deletes those).
-            record = _record(state, node, card.model_id)
+            record = state.download(node, card.model_id)
             return record is None or (
                 isinstance(record.status, DownloadCompleted) and record.status.read_only
             )
 
         await cluster.wait_for_state(deleted, timeouts.replica_catch_up_seconds)
-        record = _record(cluster.state, node, card.model_id)
+        record = cluster.state.download(node, card.model_id)
         answer = DownloadAnswer(
             node_id=node, model_id=card.model_id, detail=accepted.detail, download=record
         )

@@ -85,7 +85,7 @@ def describe_status(status: RunnerStatus | None, node_id: NodeId) -> str:
 
 def describe_download(state: State, instance: Instance, node_id: NodeId) -> str | None:
     """The shard's files on their way to the node, if that is what its runner waits for."""
-    record = state.downloads.get(node_id, {}).get(instance.model_id)
+    record = state.download(node_id, instance.model_id)
     if record is None:
         return None
     match record.status:

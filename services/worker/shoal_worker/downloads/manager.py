@@ -217,8 +217,7 @@ class DownloadManager:
     ) -> DownloadCommandAccepted | DownloadCommandRejected:
         if card.source == "bundled":
             return DownloadCommandAccepted(detail=f"{card.model_id} is bundled with Shoal")
-        start_layer = command.start_layer if command.start_layer is not None else 0
-        end_layer = command.end_layer if command.end_layer is not None else card.layers
+        start_layer, end_layer = command.layer_range(card.layers)
         if not 0 <= start_layer < end_layer <= card.layers:
             return DownloadCommandRejected(
                 code="invalid",
