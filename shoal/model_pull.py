@@ -17,6 +17,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
 )
+from rich.table import Column
 from shoal_shared.downloads import (
     Download,
     DownloadCompleted,
@@ -40,6 +41,11 @@ STALE_FAILURE_SECONDS: Final = 5.0
 STALL_SECONDS: Final = 300.0
 EXIT_INTERRUPTED: Final = 130
 HTTP_NOT_FOUND: Final = 404
+BAR_WIDTH: Final = 16
+# What the spinner, the bar, the bytes, the speed and the ETA take of a line; the label gets
+# the rest (but never less than this), so that on 80 columns the numbers still show.
+OTHER_COLUMNS_WIDTH: Final = 52
+MINIMUM_LABEL_WIDTH: Final = 20
 
 PullOutcome = Literal["waiting", "done", "failed", "missing", "stalled"]
 
@@ -132,14 +138,19 @@ def _find(records: list[Download], node_id: str, model_id: str) -> Download | No
     )
 
 
-def _progress(console: Console) -> Progress:
+def progress_bar(console: Console) -> Progress:
+    label_width = max(MINIMUM_LABEL_WIDTH, console.width - OTHER_COLUMNS_WIDTH)
     return Progress(
         SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TextColumn("{task.fields[speed]}"),
-        TextColumn("{task.fields[eta]}"),
+        # Hub ids and node ids are long: cut the label, not the numbers, on a narrow terminal.
+        TextColumn(
+            "{task.description}",
+            table_column=Column(max_width=label_width, no_wrap=True, overflow="ellipsis"),
+        ),
+        BarColumn(bar_width=BAR_WIDTH),
+        DownloadColumn(table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[speed]}", table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[eta]}", table_column=Column(no_wrap=True)),
         console=console,
         # The bar goes at the end; the one line that says where the files are stays.
         transient=True,
@@ -223,7 +234,7 @@ def _follow(
     last = first
     label = f"{model.id} on {node_id}"
     layers = (request.start_layer, request.end_layer)
-    with _progress(Console(stderr=True)) as progress:
+    with progress_bar(Console(stderr=True)) as progress:
         task = progress.add_task(f"{label}: waiting to start", total=None, speed="", eta="")
         while True:
             record = _find(client.downloads(), node_id, model.id)

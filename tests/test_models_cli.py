@@ -1,6 +1,7 @@
 """`shoal models`: run as a subprocess against one real node (offline, no model placed), and
 its pure pieces (the progress bar's values, where a pull stands) directly."""
 
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+from rich.console import Console
 from shoal_shared.downloads import (
     Download,
     DownloadCompleted,
@@ -30,6 +32,7 @@ from shoal.model_pull import (
     STALE_FAILURE_SECONDS,
     STALL_SECONDS,
     ProgressUpdate,
+    progress_bar,
     progress_update,
     pull_outcome,
 )
@@ -279,6 +282,35 @@ def test_progress_follows_the_record() -> None:
     assert progress_update(record(DownloadFailed(reason="x")), label).description == (
         "m on n: failed"
     )
+
+
+def test_the_bar_keeps_its_numbers_on_80_columns() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=True, color_system=None)
+    bar = progress_bar(console)
+    ongoing = DownloadOngoing(
+        bytes_done=31_900_000,
+        bytes_total=102_000_000,
+        bytes_per_second=21_300_000.0,
+        eta_seconds=3.3,
+    )
+    update = progress_update(record(ongoing), f"{CATALOGUED} on node-3bc9fcadd34f3640")
+    task = bar.add_task("", speed="", eta="")
+    bar.update(
+        task,
+        description=update.description,
+        total=update.total,
+        completed=update.completed,
+        speed=update.speed,
+        eta=update.eta,
+    )
+    console.print(bar.make_tasks_table(bar.tasks))
+    [line] = out.getvalue().splitlines()
+    assert len(line.rstrip()) <= 80
+    # The long label is what gives way.
+    assert f"{CATALOGUED} on" not in line
+    for shown in ("31.9/102.0 MB", "21.3 MB/s", "ETA 0:00:03"):
+        assert shown in line, line
 
 
 def stands(
