@@ -140,17 +140,14 @@ def test_rm_of_a_model_without_files(node: RunningNode) -> None:
 
 @pytest.fixture
 def silent_hub() -> Generator[socket.socket]:
-    """A hub that takes connections and never answers: a download stays pending. Closing it
-    resets the connections it never accepted, so the node's hub calls end at once."""
+    """A hub that takes connections and never answers: a download stays pending."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
         yield listener
 
 
-# Slow: the node's worker takes ~15 s to stop while its hub call to the silent hub retries.
-@pytest.mark.slow
-def test_ctrl_c_cancels_the_pull(
+def test_ctrl_c_cancels_the_pull_and_a_hung_hub_does_not_hold_the_node(
     tmp_path: Path, silent_hub: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent_hub.getsockname()[1]}")
@@ -177,7 +174,9 @@ def test_ctrl_c_cancels_the_pull(
         finally:
             pulling.kill()
             pulling.wait()
-            silent_hub.close()
+        # Asked to stop while a hub request still hangs, every service exits on its own.
+        assert hung.stop() == 0, hung.tail()
+        assert "killing it" not in hung.output(), hung.tail()
     assert pulling.returncode == 130, err
     assert out == ""
     assert err.strip().splitlines() == [

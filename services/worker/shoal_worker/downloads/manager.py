@@ -34,6 +34,7 @@ from shoal_shared.ids import ModelId, NodeId
 from shoal_shared.model_card import ModelCard
 
 from shoal_worker.downloads.added_model import card_from_hub
+from shoal_worker.downloads.daemon_thread import in_daemon_thread
 from shoal_worker.downloads.hub import DownloadCancelledError, HubError
 from shoal_worker.downloads.progress import DownloadProgress
 from shoal_worker.downloads.store import LocalModel, ModelStore
@@ -145,7 +146,7 @@ class DownloadManager:
         self._report(card, start_layer, end_layer, DownloadPending())
         ticker = asyncio.create_task(self._tick(card, job))
         try:
-            local = await asyncio.to_thread(
+            local = await in_daemon_thread(
                 self._store.ensure, card, start_layer, end_layer, job.progress, job.cancelled
             )
         except DownloadCancelledError:
@@ -155,6 +156,9 @@ class DownloadManager:
             self._report(card, start_layer, end_layer, DownloadFailed(reason=str(error)))
             raise DownloadFailedError(str(error)) from error
         finally:
+            # A task cancelled mid-download (the worker stopping) leaves its thread running:
+            # this tells the thread to give up at its next chunk.
+            job.cancelled.set()
             ticker.cancel()
             self._jobs.pop(card.model_id, None)
         logger.info(
@@ -278,7 +282,7 @@ class DownloadManager:
         if existing is not None:
             return DownloadCommandAccepted(detail=f"{model_id} is already known", card=existing)
         try:
-            card = await asyncio.to_thread(card_from_hub, self._store.access, model_id)
+            card = await in_daemon_thread(card_from_hub, self._store.access, model_id)
         except HubError as error:
             return DownloadCommandRejected(code="invalid", reason=str(error))
         self._emit(ModelAdded(card=card))
