@@ -18,6 +18,7 @@ from rich.progress import (
     TextColumn,
 )
 from rich.table import Column
+from shoal_shared.download_commands import requested_layers
 from shoal_shared.downloads import (
     Download,
     DownloadCompleted,
@@ -118,8 +119,7 @@ def pull_outcome(
         return "stalled"
     if record is None:
         return "missing" if elapsed > RECORD_WAIT_SECONDS else "waiting"
-    start_layer = layers[0] if layers[0] is not None else 0
-    end_layer = layers[1] if layers[1] is not None else record.layer_count
+    start_layer, end_layer = requested_layers(*layers, record.layer_count)
     match record.status:
         case DownloadCompleted():
             # A copy of other layers is no answer: this try's pending record follows.
@@ -159,7 +159,7 @@ def progress_bar(console: Console) -> Progress:
     )
 
 
-def _show(progress: Progress, task: TaskID, update: ProgressUpdate) -> None:
+def show_update(progress: Progress, task: TaskID, update: ProgressUpdate) -> None:
     progress.update(
         task,
         description=update.description,
@@ -244,7 +244,7 @@ def _follow(
             fresh = fresh or (record is not None and record != before)
             outcome = pull_outcome(record, before, fresh, now - started, now - changed, layers)
             if record is not None:
-                _show(progress, task, progress_update(record, label))
+                show_update(progress, task, progress_update(record, label))
             status = record.status if record is not None else None
             if outcome == "done" and isinstance(status, DownloadCompleted):
                 size = gigabytes(status.bytes_total)

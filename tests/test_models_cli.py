@@ -35,6 +35,7 @@ from shoal.model_pull import (
     progress_bar,
     progress_update,
     pull_outcome,
+    show_update,
 )
 
 from .node_harness import RunningNode, free_port, started_node
@@ -295,14 +296,7 @@ def test_the_bar_keeps_its_numbers_on_80_columns() -> None:
     )
     update = progress_update(record(ongoing), f"{CATALOGUED} on node-3bc9fcadd34f3640")
     task = bar.add_task("", speed="", eta="")
-    bar.update(
-        task,
-        description=update.description,
-        total=update.total,
-        completed=update.completed,
-        speed=update.speed,
-        eta=update.eta,
-    )
+    show_update(bar, task, update)
     console.print(bar.make_tasks_table(bar.tasks))
     [line] = out.getvalue().splitlines()
     assert len(line.rstrip()) <= 80

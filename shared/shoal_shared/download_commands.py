@@ -13,6 +13,15 @@ from shoal_shared.ids import ModelId
 from shoal_shared.model_card import ModelCard
 
 
+def requested_layers(
+    start_layer: int | None, end_layer: int | None, layer_count: int
+) -> tuple[int, int]:
+    """The layers asked for, [start, end), with the whole model for what is left out."""
+    start = start_layer if start_layer is not None else 0
+    end = end_layer if end_layer is not None else layer_count
+    return start, end
+
+
 class StartDownload(FrozenModel):
     kind: Literal["start_download"] = "start_download"
     model_id: ModelId
@@ -21,10 +30,7 @@ class StartDownload(FrozenModel):
     end_layer: int | None = Field(default=None, ge=1)
 
     def layer_range(self, layer_count: int) -> tuple[int, int]:
-        """The layers asked for, [start, end), with the whole model for what is left out."""
-        start = self.start_layer if self.start_layer is not None else 0
-        end = self.end_layer if self.end_layer is not None else layer_count
-        return start, end
+        return requested_layers(self.start_layer, self.end_layer, layer_count)
 
 
 class CancelDownload(FrozenModel):
