@@ -18,8 +18,11 @@ from shoal_master.model_files import NodeDownloads, file_problem, may_hold
 
 # Leave room for the KV cache, activations and the rest of the machine.
 MEMORY_HEADROOM_FRACTION: Final = 0.1
-# Runners of a multi-node instance listen for their ring neighbours from this port up.
-RING_PORT_BASE: Final = 52500
+# Runners of a multi-node instance listen for their ring neighbours from this port up. Below
+# every system's ephemeral range (Linux 32768-60999, macOS and Windows 49152-65535): a ring
+# port there can be held by one of the node's own outgoing connections (a leaf link, an HTTP
+# poll), and the rank then cannot listen; 52500 did so in a cluster test.
+RING_PORT_BASE: Final = 31500
 
 
 class Layout(FrozenModel):

@@ -1,6 +1,15 @@
 import pytest
-from shoal_master.placement import Layout, Refusal, choose_layout, previews, split_layers
-from shoal_shared.ids import ModelId, NodeId
+from shoal_master.placement import (
+    RING_PORT_BASE,
+    Layout,
+    Refusal,
+    choose_layout,
+    instance_from_layout,
+    previews,
+    ring_addresses,
+    split_layers,
+)
+from shoal_shared.ids import InstanceId, ModelId, NodeId, RunnerId
 from shoal_shared.model_card import builtin_cards
 from shoal_shared.state import NodeInfo
 from shoal_shared.telemetry import NodeTelemetry
@@ -107,3 +116,38 @@ def test_previews_list_every_candidate_with_reasons() -> None:
         if candidate.sharding == "tensor" and len(candidate.node_ids) == 2
     ]
     assert isinstance(tensor_two[0], Refusal)
+
+
+# The ephemeral ranges of Linux (net.ipv4.ip_local_port_range) and of macOS and Windows.
+EPHEMERAL_PORTS = (range(32768, 61000), range(49152, 65536))
+
+
+def addressed(name: str, address: str) -> tuple[NodeId, NodeInfo]:
+    node_id, info = node(name, 8)
+    telemetry = info.telemetry.model_copy(update={"addresses": (address,)})
+    return node_id, NodeInfo(node_id=node_id, telemetry=telemetry)
+
+
+def test_ring_ports_stay_out_of_the_ephemeral_ranges_and_clear_of_live_instances() -> None:
+    nodes = dict([addressed("node-0", "10.0.0.1"), addressed("node-1", "10.0.0.1")])
+    layout = choose_layout(CARD, nodes, "pipeline", None, 2)
+    assert isinstance(layout, Layout)
+    first = ring_addresses(layout, nodes, ())
+    # Two nodes on one host (as in tests) share an address: each rank gets its own port.
+    assert first == (f"10.0.0.1:{RING_PORT_BASE}", f"10.0.0.1:{RING_PORT_BASE + 1}")
+    live = instance_from_layout(
+        layout, CARD, InstanceId("inst-0"), (RunnerId("runner-0"), RunnerId("runner-1")), first
+    )
+    second = ring_addresses(layout, nodes, (live,))
+    assert set(second).isdisjoint(first)
+    for address in (*first, *second):
+        assert address is not None
+        port = int(address.rsplit(":", 1)[1])
+        assert not any(port in ephemeral for ephemeral in EPHEMERAL_PORTS), port
+
+
+def test_a_single_node_instance_has_no_ring() -> None:
+    nodes = dict([addressed("node-0", "10.0.0.1")])
+    layout = choose_layout(CARD, nodes, "pipeline", None, 1)
+    assert isinstance(layout, Layout)
+    assert ring_addresses(layout, nodes, ()) == (None,)
