@@ -11,13 +11,20 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from shoal_shared.model_card import ModelCard
+from shoal_shared.model_card import ModelCard, SamplingDefaults
 from shoal_worker.downloads.added_model import card_from_hub
 from shoal_worker.downloads.hub import DownloadCancelledError, HubAccess, HubError
 from shoal_worker.downloads.progress import DownloadProgress
 from shoal_worker.downloads.store import LocalModel, ModelStore
 
-from .hf_standin import HubStandIn, StandardRepos, build_unsupported_repo, repo_dir, shard_name
+from .hf_standin import (
+    HubStandIn,
+    StandardRepos,
+    build_unsupported_repo,
+    clone_repo,
+    repo_dir,
+    shard_name,
+)
 
 MIB = 1 << 20
 # huggingface_hub writes bodies in 10 MiB chunks: a resumed transfer repeats less than one.
@@ -275,6 +282,30 @@ def test_a_card_is_made_from_the_config_and_an_unknown_architecture_refused(
         card_from_hub(access(hub), "shoal-test/nothing-here")
     with pytest.raises(HubError, match="not a Hugging Face repository id"):
         card_from_hub(access(hub), "no-slash")
+
+
+def test_an_added_card_takes_the_repos_sampling_recommendation(
+    standin_repos: StandardRepos, tmp_path: Path
+) -> None:
+    recommending = "shoal-test/recommends-sampling"
+    clone_repo(standin_repos.root, standin_repos.split, recommending)
+    # A fresh file, not the hard link the clone made: the standard repo stays as it is.
+    generation = repo_dir(standin_repos.root, recommending) / "generation_config.json"
+    generation.unlink()
+    generation.write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.95}')
+    try:
+        with HubStandIn(standin_repos.root) as own_hub:
+            made = card_from_hub(access(own_hub), recommending)
+            assert made.sampling == SamplingDefaults(temperature=0.6, top_p=0.95)
+            generation.unlink()
+            generation.write_text("{not json")
+            # Only a recommendation: a broken one leaves the defaults, the model is added.
+            assert card_from_hub(access(own_hub), recommending).sampling == SamplingDefaults()
+        with HubStandIn(standin_repos.root) as own_hub:
+            plain = card_from_hub(access(own_hub), standin_repos.split)
+        assert plain.sampling == SamplingDefaults()
+    finally:
+        shutil.rmtree(repo_dir(standin_repos.root, recommending))
 
 
 def test_a_bad_repo_id_or_config_is_a_hub_error(hub: HubStandIn, tmp_path: Path) -> None:

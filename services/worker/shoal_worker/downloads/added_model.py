@@ -4,6 +4,7 @@ beyond the catalogue (`POST /models/add`) and for GGUF imports."""
 import importlib
 import importlib.util
 import json
+import logging
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -12,13 +13,17 @@ from typing import Final, Literal, cast
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from pydantic import ValidationError
 from shoal_shared.ids import ModelId
 from shoal_shared.model_card import Capability, ModelCard, ModelCardError, SamplingDefaults
 
 from shoal_worker.downloads.hub import HubAccess, HubError, TransferHook, fetch_file, list_repo
 from shoal_worker.downloads.shard_files import INDEX_FILE, is_weight_file
 
+logger = logging.getLogger(__name__)
+
 _DTYPE_NAMES: Final = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+GENERATION_CONFIG: Final = "generation_config.json"
 
 
 def mlx_architecture(model_type: str) -> str | None:
@@ -53,6 +58,7 @@ def card_from_config(
     source: Literal["huggingface", "local"],
     storage_bytes: int,
     chat: bool,
+    sampling: SamplingDefaults | None = None,
 ) -> ModelCard:
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
@@ -98,10 +104,25 @@ def card_from_config(
             context_length=context,
             capabilities=capabilities,
             supports_tensor=supports_tensor_parallel(architecture),
-            sampling=SamplingDefaults(),
+            sampling=sampling or SamplingDefaults(),
         )
     except (ValueError, ModelCardError) as error:
         raise HubError(f"{model_id}: config.json does not make a valid card: {error}") from error
+
+
+def sampling_from_generation_config(generation: Mapping[str, object]) -> SamplingDefaults:
+    """The temperature and top_p a repo's generation_config.json recommends, as vLLM takes
+    them by default; Shoal's own defaults for what it leaves out or gives out of range."""
+    sampling = SamplingDefaults()
+    for name in ("temperature", "top_p"):
+        value = generation.get(name)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        try:
+            sampling = sampling.model_validate({**sampling.model_dump(), name: float(value)})
+        except ValidationError:
+            continue
+    return sampling
 
 
 def _json_object(path: Path, model_id: str) -> dict[str, object]:
@@ -141,6 +162,21 @@ def card_from_hub(access: HubAccess, model_id: str) -> ModelCard:
                 access, listing, "tokenizer_config.json", Path(scratch), hook=never
             )
             chat = "chat_template" in _json_object(tokenizer_path, model_id)
+        sampling = SamplingDefaults()
+        if GENERATION_CONFIG in names:
+            generation_path = fetch_file(
+                access, listing, GENERATION_CONFIG, Path(scratch), hook=never
+            )
+            try:
+                sampling = sampling_from_generation_config(_json_object(generation_path, model_id))
+            except HubError as error:
+                # Only a recommendation: the model is added with Shoal's defaults.
+                logger.warning("%s; using default sampling", error)
     return card_from_config(
-        config, model_id=model_id, source="huggingface", storage_bytes=storage, chat=chat
+        config,
+        model_id=model_id,
+        source="huggingface",
+        storage_bytes=storage,
+        chat=chat,
+        sampling=sampling,
     )
