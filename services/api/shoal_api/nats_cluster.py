@@ -62,16 +62,27 @@ class _StreamReader:
         return GLOBAL_LOG_ENTRY.validate_json(message.data)
 
 
-# Between two asks while no master is subscribed to commands (one is taking over).
+# Between two asks while no master is subscribed to commands (one is taking over), or no
+# worker to its node's download commands (it is starting).
 COMMAND_RETRY_SECONDS: Final = 0.2
+# How long a worker may take from its node's start to its subscription; past this, a node
+# whose worker nothing listens for is reported (it is down, or another version).
+WORKER_START_SECONDS: Final = 10.0
 
 
 @final
 class NatsCluster:
-    def __init__(self, bus: Bus, follower: StateFollower, node_id: NodeId) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        follower: StateFollower,
+        node_id: NodeId,
+        worker_start_seconds: float = WORKER_START_SECONDS,
+    ) -> None:
         self._bus = bus
         self._follower = follower
         self._node_id = node_id
+        self._worker_start_seconds = worker_start_seconds
 
     @property
     def node_id(self) -> NodeId:
@@ -121,27 +132,36 @@ class NatsCluster:
     async def request_download(
         self, node_id: NodeId, command: DownloadCommand, timeout: float
     ) -> DownloadCommandAccepted | DownloadCommandRejected:
-        # Not retried: unlike master commands these carry no idempotency id, and a worker
-        # that is not subscribed is not about to be (it subscribes once, at its start).
         subject = subjects.downloads(node_id)
-        try:
-            return await self._bus.request(subject, command, DOWNLOAD_REPLY, timeout)
-        except NoRespondersError:
-            raise WorkerUnavailableError(
-                f"the worker of node {node_id} did not answer: nothing listens on {subject}"
-            ) from None
-        except TimeoutError:
-            raise WorkerUnavailableError(
-                f"the worker of node {node_id} did not answer within {timeout:g} s"
-            ) from None
-        except ValidationError as error:
-            raise WorkerUnavailableError(
-                f"the worker of node {node_id} answered with a malformed reply: {error}"
-            ) from None
-        except NatsError as error:
-            raise WorkerUnavailableError(
-                f"the worker of node {node_id} did not answer: the bus failed: {error}"
-            ) from None
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + timeout
+        # A node's API answers before its worker has subscribed (a pull right after
+        # `shoal run`). Nothing is delivered to a subject without subscribers, so asking again
+        # is safe even though download commands carry no idempotency id.
+        unsubscribed_until = loop.time() + min(timeout, self._worker_start_seconds)
+        while True:
+            try:
+                return await self._bus.request(
+                    subject, command, DOWNLOAD_REPLY, max(give_up_at - loop.time(), 0.1)
+                )
+            except NoRespondersError:
+                if loop.time() + COMMAND_RETRY_SECONDS > unsubscribed_until:
+                    raise WorkerUnavailableError(
+                        f"the worker of node {node_id} did not answer: nothing listens on {subject}"
+                    ) from None
+                await asyncio.sleep(COMMAND_RETRY_SECONDS)
+            except TimeoutError:
+                raise WorkerUnavailableError(
+                    f"the worker of node {node_id} did not answer within {timeout:g} s"
+                ) from None
+            except ValidationError as error:
+                raise WorkerUnavailableError(
+                    f"the worker of node {node_id} answered with a malformed reply: {error}"
+                ) from None
+            except NatsError as error:
+                raise WorkerUnavailableError(
+                    f"the worker of node {node_id} did not answer: the bus failed: {error}"
+                ) from None
 
     async def subscribe_chunks(self, task_id: TaskId, sink: ChunkSink) -> Unsubscribe:
         async def on_message(message: Msg) -> None:

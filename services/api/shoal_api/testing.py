@@ -59,6 +59,9 @@ from shoal_api.service import bind_socket, serve
 
 COMMAND: Final[TypeAdapter[Command]] = TypeAdapter(Command)
 TEST_NODE_ID: Final = NodeId("node-apitest")
+# How long the API under test waits for a worker to subscribe (a node's is 10 s): short, so
+# that a test of a worker that is gone does not wait as long.
+WORKER_START_SECONDS_IN_TESTS: Final = 2.0
 TEST_INSTANCE_ID: Final = InstanceId("inst-ready")
 TEST_RUNNER_ID: Final = RunnerId("runner-ready")
 BUNDLED_MODEL_ID: Final = ModelId("smollm2-135m")

@@ -14,6 +14,7 @@ from shoal_api.testing import (
     TEST_INSTANCE_ID,
     TEST_NODE_ID,
     TEST_RUNNER_ID,
+    WORKER_START_SECONDS_IN_TESTS,
     FakeMaster,
     cards_for_tests,
     node_settings,
@@ -54,7 +55,7 @@ async def api_context(settings: NodeSettings, fake_master: FakeMaster) -> AsyncI
     bus = await Bus.connect(settings.nats_url, name="api-under-test")
     follower = StateFollower(bus, TEST_NODE_ID)
     context = ApiContext(
-        NatsCluster(bus, follower, TEST_NODE_ID),
+        NatsCluster(bus, follower, TEST_NODE_ID, WORKER_START_SECONDS_IN_TESTS),
         cards_for_tests(),
         ApiTimeouts(command_seconds=1, chunk_seconds=CHUNK_TIMEOUT_SECONDS),
     )

@@ -10,7 +10,13 @@ from typing import Any, Final
 import httpx
 import pytest
 from pydantic import TypeAdapter
-from shoal_api.testing import BUNDLED_MODEL_ID, TEST_NODE_ID, FakeMaster, cards_for_tests
+from shoal_api.testing import (
+    BUNDLED_MODEL_ID,
+    TEST_NODE_ID,
+    WORKER_START_SECONDS_IN_TESTS,
+    FakeMaster,
+    cards_for_tests,
+)
 from shoal_shared.bus import Bus
 from shoal_shared.downloads import Download, DownloadCompleted
 from shoal_shared.ids import ModelId
@@ -242,6 +248,20 @@ async def test_adding_models(http: httpx.AsyncClient) -> None:
     assert "is not a Hugging Face repository id" in error_of(not_a_repo)["message"]
     bad = await http.post("/models/add", content=b"[1, 2")
     assert (bad.status_code, error_of(bad)["code"]) == (400, "invalid_json")
+
+
+async def test_a_worker_still_starting_is_waited_for(
+    http: httpx.AsyncClient, worker: DownloadManager
+) -> None:
+    await worker.stop()
+    asking = asyncio.create_task(http.post("/download/cancel", json={"model_id": ABSENT}))
+    await asyncio.sleep(WORKER_START_SECONDS_IN_TESTS / 4)
+    assert not asking.done()
+    await worker.start()
+    answered = await asking
+    # The worker's own answer, not the API's 503.
+    assert answered.status_code == 404
+    assert error_of(answered)["message"] == f"no download of {ABSENT} is running"
 
 
 async def test_a_silent_worker_is_503(http: httpx.AsyncClient, worker: DownloadManager) -> None:
